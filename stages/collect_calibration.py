@@ -1,0 +1,23 @@
+"""collect-calibration: random token windows of the calibration dataset."""
+from safetensors.torch import save_file
+
+from svdcore.atomic import atomic_path
+from svdcore.data import load_text, random_windows, tokenize
+from svdcore.model import load_tokenizer
+from stages.common import run
+
+OUT = "artifacts/calibration.safetensors"
+
+
+def work(params):
+    cal = params["calibration"]
+    tokenizer = load_tokenizer(params["model"]["name"])
+    ids = tokenize(tokenizer, load_text(cal["dataset"]))
+    windows = random_windows(ids, cal["samples"], cal["seqlen"], cal["seed"])
+    with atomic_path(OUT) as tmp:
+        save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"dataset": cal["dataset"]})
+    return {"dataset_tokens": ids.numel()}
+
+
+if __name__ == "__main__":
+    run("collect-calibration", work)

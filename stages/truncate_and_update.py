@@ -1,0 +1,31 @@
+"""truncate-and-update: factorize every allocated linear and save the compressed model."""
+from svdcore.atomic import atomic_path, read_json, write_json
+from svdcore.compress import compress_model
+from svdcore.covariances import linear_shapes
+from svdcore.errors import UserError
+from svdcore.lowrank import save_compressed
+from svdcore.model import load_model, load_tokenizer, resolve_device
+from stages.common import run
+
+MODEL_DIR = "models/compressed"
+REPORT = "metrics/compress.json"
+
+
+def work(params):
+    compress = params["compress"]
+    model = load_model(params["model"]["name"], params["model"]["dtype"])
+    tokenizer = load_tokenizer(params["model"]["name"])
+    allocation = read_json("artifacts/ranks.json", "ranks")
+    if allocation.get("shapes") != linear_shapes(model):
+        raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
+                        "rerun compute-covariances and allocate-ranks")
+    report = compress_model(model, allocation["ranks"], compress["method"], "artifacts/stats",
+                            resolve_device(params["device"]))
+    with atomic_path(MODEL_DIR, is_dir=True) as tmp:
+        save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"]})
+    write_json(REPORT, report)
+    return {}
+
+
+if __name__ == "__main__":
+    run("truncate-and-update", work)

@@ -1,0 +1,9 @@
+"""svdcore: truncated-SVD compression of causal LMs (SVD-LLM family).
+
+Importable with torch and transformers alone; dvc, mlflow and datasets are imported where used.
+"""
+from .errors import UserError
+from .lowrank import LowRankLinear, load_compressed, save_compressed
+
+__all__ = ["LowRankLinear", "UserError", "load_compressed", "save_compressed"]
+__version__ = "0.1.0"

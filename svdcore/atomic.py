@@ -1,0 +1,71 @@
+"""Write outputs so that a crash leaves either the previous complete output or none."""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _finish_tree(path: Path) -> None:
+    """fsync every file, and give the ordinary umask permissions that mkstemp/mkdtemp withheld."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path, is_dir: bool = False):
+    """Yield a temporary path next to `path`; on success it is renamed over `path`.
+
+    A directory is replaced by removing the old one and renaming the new one in: between the
+    two steps the output is absent, never half-written.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir)
+    try:
+        yield tmp
+        _finish_tree(tmp)
+        if is_dir:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, data) -> None:
+    """Deterministic JSON (sorted keys, fixed indentation), written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path, what: str):
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: file {path} is missing; run the stage that makes it (dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what}: {path} is not valid JSON ({e}); rerun the stage that makes it") from None

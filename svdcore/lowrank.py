@@ -1,0 +1,72 @@
+"""Swap compressed linears into a model, save it as a Hugging Face model, load it back."""
+import json
+import re
+from pathlib import Path
+
+from torch import nn
+
+from . import modeling_svdcore
+from .errors import UserError
+from .modeling_svdcore import LowRankLinear
+
+MODELING_FILE = Path(modeling_svdcore.__file__)
+
+
+def replace_linear(model: nn.Module, name: str, a, b) -> None:
+    """Put factors A (out x rank) and B (rank x in) in place of the nn.Linear called `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    dense = getattr(parent, child)
+    ref = dense.weight
+    low = LowRankLinear(dense.in_features, dense.out_features, a.shape[1], bias=dense.bias is not None,
+                        dtype=ref.dtype, device=ref.device)
+    low.A.data.copy_(a)
+    low.B.data.copy_(b)
+    if dense.bias is not None:
+        low.bias.data.copy_(dense.bias.data)
+    setattr(parent, child, low)
+
+
+def low_rank_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None = None) -> None:
+    """save_pretrained (safetensors) + the ranks in config.json + the modeling file in auto_map."""
+    directory = Path(directory)
+    base = type(model).__name__
+    config = model.config
+    config.svdcore = {"base_architecture": base, "ranks": dict(sorted(low_rank_ranks(model).items())),
+                      **(extra or {})}
+    config.auto_map = {"AutoModelForCausalLM": "modeling_svdcore.SVDCoreForCausalLM"}
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:  # the in-memory model keeps its own class; only the saved config points elsewhere
+        del config.auto_map, config.svdcore
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    source = MODELING_FILE.read_text()
+    source = re.sub(r'^BASE_ARCHITECTURE = ".*?"', f'BASE_ARCHITECTURE = "{base}"', source, count=1, flags=re.M)
+    (directory / "modeling_svdcore.py").write_text(source)
+
+
+def load_compressed(directory, dtype=None):
+    """Load a compressed model without trust_remote_code (the classes come from svdcore)."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"compressed model: {config_path} is missing")
+    svd = json.loads(config_path.read_text()).get("svdcore")
+    if not svd:
+        raise UserError(f"compressed model: {config_path} has no svdcore section (not made by svdcore)")
+    config = AutoConfig.from_pretrained(directory)
+    cls = modeling_svdcore.low_rank_class(svd["base_architecture"])
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = cls.from_pretrained(directory, config=config, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"compressed model: cannot load {directory}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model

