@@ -1,8 +1,11 @@
 """evaluate: the compressed model against the cached dense baseline; metrics + one MLflow run."""
 import time
 
+import torch
+
 from svdcore.atomic import read_json, write_json
-from svdcore.evaluation import directory_bytes, evaluate_model
+from svdcore.errors import UserError
+from svdcore.evaluation import directory_bytes, evaluate_model, linear_parameters
 from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device
 from svdcore.tracking import log_run
@@ -20,7 +23,9 @@ def work(params):
     dense = read_json("metrics/dense.json", "dense baseline")
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
-    model = load_compressed(MODEL_DIR)
+    model = load_compressed(MODEL_DIR, dtype=getattr(torch, params["model"]["dtype"]))
+    if linear_parameters(model) != ranks["linear_params_compressed"]:
+        raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     compressed, runtime = evaluate_model(model, AutoTokenizer.from_pretrained(MODEL_DIR), ev["datasets"],
                                          ev["seqlen"], ev["max_windows"], ev["batch_size"],
                                          resolve_device(params["device"]), "compressed")
@@ -33,8 +38,6 @@ def work(params):
                   "model": 1 - compressed["params_total"] / dense["params_total"]},
         "whitening_routes": report["route_counts"],
     }
-    if ranks["linear_params_compressed"] != compressed["params_linears"]:
-        raise RuntimeError("the saved model does not hold the allocated parameter count")
     write_json(OUT, metrics)
 
     stages = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings") for name in UPSTREAM}

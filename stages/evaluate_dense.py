@@ -3,7 +3,7 @@ from pathlib import Path
 
 from svdcore.atomic import write_json
 from svdcore.evaluation import directory_bytes, evaluate_model
-from svdcore.model import load_model, load_tokenizer, resolve, resolve_device
+from svdcore.model import load_model, load_tokenizer, resolve, resolve_device, weight_bytes
 from stages.common import run
 
 OUT = "metrics/dense.json"
@@ -19,7 +19,7 @@ def work(params):
     local = Path(source.path) / (source.gguf_file or "")
     if local.exists():  # a hub id has no local file to measure
         metrics["bytes_source"] = directory_bytes(local)
-    metrics["bytes_weights"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    metrics["bytes_weights"] = weight_bytes(model)
     write_json(OUT, metrics)
     return runtime
 

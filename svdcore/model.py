@@ -134,6 +134,14 @@ def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.d
                 module._buffers[name] = b.to(device)
 
 
+def _distinct_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())  # tied embeddings once
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in _distinct_parameters(model))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights in memory, in their current dtype."""
+    return sum(p.numel() * p.element_size() for p in _distinct_parameters(model))

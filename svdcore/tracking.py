@@ -8,17 +8,9 @@ from pathlib import Path
 
 
 def repository_root() -> Path:
-    """DVC_ROOT (set by DVC for stage commands) or the working directory.
-
-    `dvc exp run --temp` runs stages in a copy under .dvc/tmp/exps/; runs from there are
-    logged to the store of the repository that owns the copy.
-    """
-    root = Path(os.environ.get("DVC_ROOT", os.getcwd())).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 3):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
+    """DVC_ROOT, which DVC sets for stage commands (for `dvc exp run --temp` and queued runs it
+    names the parent repository, not the temporary copy), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT", os.getcwd())).resolve()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
