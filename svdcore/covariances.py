@@ -75,7 +75,9 @@ def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.d
 
 
 def save_layer(stats_dir, index: int, grams: dict, shares: dict, tokens: int) -> None:
-    meta = {"shares": json.dumps(shares, sort_keys=True), "tokens": str(tokens)}
+    # One metadata key: safetensors writes the metadata map in no fixed order, so two keys
+    # would make identical statistics differ byte-wise from run to run.
+    meta = {"svdcore": json.dumps({"shares": shares, "tokens": tokens}, sort_keys=True)}
     save_file({g: t.contiguous() for g, t in sorted(grams.items())}, str(layer_file(stats_dir, index)), metadata=meta)
 
 
@@ -88,9 +90,9 @@ def load_layer(stats_dir, index: int) -> tuple[dict[str, torch.Tensor], dict[str
         raise UserError(f"statistics: {path} is missing; rerun compute-covariances")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
+            meta = json.loads(f.metadata()["svdcore"])
         grams = load_file(str(path))
-        return grams, json.loads(meta["shares"]), int(meta["tokens"])
+        return grams, meta["shares"], meta["tokens"]
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"statistics: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-covariances") from None
 

@@ -70,6 +70,11 @@ def test_stats_file_roundtrip(tmp_path):
     assert shares == layers[0][1] and tokens == layers[0][2]
     for key in grams:
         assert torch.equal(grams[key], layers[0][0][key])
+    # byte-identical on every save (DVC hashes, reproducibility): ten saves, one content
+    first = (tmp_path / "layer_000.safetensors").read_bytes()
+    for _ in range(9):
+        save_layer(tmp_path, 0, *layers[0])
+        assert (tmp_path / "layer_000.safetensors").read_bytes() == first
     (tmp_path / "layer_001.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(UserError, match="unreadable"):
         load_layer(tmp_path, 1)
