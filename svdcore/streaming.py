@@ -17,14 +17,6 @@ class _Captured(Exception):
     pass
 
 
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
                          device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
