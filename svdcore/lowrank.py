@@ -7,24 +7,20 @@ from torch import nn
 
 from . import modeling_svdcore
 from .errors import UserError
-from .modeling_svdcore import LowRankLinear
+from .modeling_svdcore import LowRankLinear, install_low_rank
 
 MODELING_FILE = Path(modeling_svdcore.__file__)
 
 
 def replace_linear(model: nn.Module, name: str, a, b) -> None:
     """Put factors A (out x rank) and B (rank x in) in place of the nn.Linear called `name`."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    dense = getattr(parent, child)
-    ref = dense.weight
-    low = LowRankLinear(dense.in_features, dense.out_features, a.shape[1], bias=dense.bias is not None,
-                        dtype=ref.dtype, device=ref.device)
+    bias = model.get_submodule(name).bias
+    install_low_rank(model, {name: a.shape[1]})
+    low = model.get_submodule(name)
     low.A.data.copy_(a)
     low.B.data.copy_(b)
-    if dense.bias is not None:
-        low.bias.data.copy_(dense.bias.data)
-    setattr(parent, child, low)
+    if bias is not None:
+        low.bias.data.copy_(bias.data)
 
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
