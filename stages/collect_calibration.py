@@ -3,7 +3,7 @@ from safetensors.torch import save_file
 
 from svdcore.atomic import atomic_path
 from svdcore.data import load_text, random_windows, tokenize
-from svdcore.model import load_tokenizer
+from svdcore.model import check_seqlen, load_config, load_tokenizer
 from stages.common import run
 
 OUT = "artifacts/calibration.safetensors"
@@ -11,6 +11,7 @@ OUT = "artifacts/calibration.safetensors"
 
 def work(params):
     cal = params["calibration"]
+    check_seqlen(load_config(params["model"]["name"]), cal["seqlen"], "calibration.seqlen")
     tokenizer = load_tokenizer(params["model"]["name"])
     ids = tokenize(tokenizer, load_text(cal["dataset"]))
     windows = random_windows(ids, cal["samples"], cal["seqlen"], cal["seed"])

@@ -1,6 +1,7 @@
 """compute-covariances: one streamed pass of the original model, a Gram per linear input."""
 from svdcore.atomic import atomic_path, write_json
 from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.errors import UserError
 from svdcore.model import load_model, resolve_device
 from stages.common import run
 from stages.io import load_calibration
@@ -10,9 +11,14 @@ LINEARS = "artifacts/linears.json"
 
 
 def work(params):
-    model = load_model(params["model"]["name"], params["model"]["dtype"])
+    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     windows = load_calibration()
-    device = resolve_device(params["device"])
+    model = load_model(params["model"]["name"], params["model"]["dtype"])
+    vocab = model.get_input_embeddings().num_embeddings
+    if windows.numel() and int(windows.max()) >= vocab:
+        raise UserError(f"calibration: token id {int(windows.max())} in artifacts/calibration.safetensors is outside "
+                        f"the model's vocabulary ({vocab}); the windows were made with another tokenizer, "
+                        f"rerun collect-calibration")
     with atomic_path(STATS, is_dir=True) as tmp:
         collect_grams(model, windows, params["covariances"]["batch_size"], device,
                       lambda index, grams, shares, tokens: save_layer(tmp, index, grams, shares, tokens))

@@ -19,6 +19,7 @@ UPSTREAM = ("collect-calibration", "compute-covariances", "allocate-ranks", "tru
 def work(params):
     from transformers import AutoTokenizer
 
+    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     ev = params["evaluate"]
     dense = read_json("metrics/dense.json", "dense baseline")
     ranks = read_json("artifacts/ranks.json", "ranks")
@@ -28,7 +29,7 @@ def work(params):
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     compressed, runtime = evaluate_model(model, AutoTokenizer.from_pretrained(MODEL_DIR), ev["datasets"],
                                          ev["seqlen"], ev["max_windows"], ev["batch_size"],
-                                         resolve_device(params["device"]), "compressed")
+                                         device, "compressed")
     compressed["bytes_on_disk"] = directory_bytes(MODEL_DIR)
     metrics = {
         "dense": dense,
@@ -36,7 +37,7 @@ def work(params):
         "ratio": {"target": params["compress"]["ratio"],
                   "linears": 1 - compressed["params_linears"] / dense["params_linears"],
                   "model": 1 - compressed["params_total"] / dense["params_total"]},
-        "whitening_routes": report["route_counts"],
+        "whitening_routes": {"matrices": report["route_counts"], "grams": report["gram_route_counts"]},
     }
     write_json(OUT, metrics)
 

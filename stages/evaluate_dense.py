@@ -10,11 +10,12 @@ OUT = "metrics/dense.json"
 
 
 def work(params):
+    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     ev = params["evaluate"]
     name = params["model"]["name"]
     model = load_model(name, params["model"]["dtype"])
     metrics, runtime = evaluate_model(model, load_tokenizer(name), ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                      ev["batch_size"], resolve_device(params["device"]), "dense")
+                                      ev["batch_size"], device, "dense")
     source = resolve(name)
     local = Path(source.path) / (source.gguf_file or "")
     if local.exists():  # a hub id has no local file to measure

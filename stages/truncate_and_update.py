@@ -5,6 +5,7 @@ from svdcore.covariances import linear_shapes
 from svdcore.errors import UserError
 from svdcore.lowrank import save_compressed
 from svdcore.model import load_model, load_tokenizer, resolve_device
+from svdcore.ranks import check_ranks
 from stages.common import run
 
 MODEL_DIR = "models/compressed"
@@ -12,15 +13,20 @@ REPORT = "metrics/compress.json"
 
 
 def work(params):
+    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     compress = params["compress"]
+    allocation = read_json("artifacts/ranks.json", "ranks")  # checked before the slow model load
+    if allocation.get("ratio") != compress["ratio"]:
+        raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.ratio {allocation.get('ratio')!r}, "
+                        f"params.yaml says {compress['ratio']!r}; rerun allocate-ranks")
+    check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
     model = load_model(params["model"]["name"], params["model"]["dtype"])
     tokenizer = load_tokenizer(params["model"]["name"])
-    allocation = read_json("artifacts/ranks.json", "ranks")
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
                         "rerun compute-covariances and allocate-ranks")
     report = compress_model(model, allocation["ranks"], compress["method"], "artifacts/stats",
-                            resolve_device(params["device"]))
+                            device)
     with atomic_path(MODEL_DIR, is_dir=True) as tmp:
         save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"]})
     write_json(REPORT, report)

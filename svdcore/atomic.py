@@ -1,5 +1,6 @@
 """Write outputs so that a crash leaves either the previous complete output or none."""
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -9,6 +10,13 @@ from pathlib import Path
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed outright (SIGKILL, power loss) cannot clean up after itself: its
+    # temporaries are removed by the next write of the same output.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

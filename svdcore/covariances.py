@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .gram import GramAccumulator
-from .model import decoder_layers, layer_linears, layer_prefix
+from .model import decoder_layers, layer_linears, layer_prefix, linear_shape
 from .streaming import run_layers
 
 
@@ -27,6 +27,9 @@ def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.d
 
     def visit(index, layer):
         linears = layer_linears(layer)
+        if not linears:
+            raise UserError(f"model: decoder layer {index} ({type(layer).__name__}) has no nn.Linear or "
+                            f"Conv1D to compress")
         accumulators: dict[str, GramAccumulator] = {}
         shares: dict[str, str] = {}
         seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
@@ -37,6 +40,8 @@ def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.d
                 x = args[0]
                 group = seen.get(id(x))
                 if group is None:
+                    if not torch.isfinite(x).all():
+                        raise UserError(f"layer {index}, {name}: non-finite input activations (NaN or inf)")
                     group = seen[id(x)] = name
                     alive.append(x)
                     if name not in accumulators:
@@ -101,5 +106,5 @@ def linear_shapes(model) -> dict[str, list[int]]:
     """Every decoder linear by its full module name -> [out_features, in_features]."""
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
-    return {f"{prefix}.{i}.{name}": [m.out_features, m.in_features]
+    return {f"{prefix}.{i}.{name}": list(linear_shape(m))
             for i, layer in enumerate(layers) for name, m in layer_linears(layer).items()}

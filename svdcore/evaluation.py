@@ -5,7 +5,7 @@ from torch import nn
 
 from .data import eval_windows, load_text, tokenize
 from .lowrank import LowRankLinear
-from .model import count_parameters, decoder_layers, layer_linears
+from .model import check_seqlen, count_parameters, decoder_layers, layer_linears
 from .perplexity import perplexity
 
 
@@ -28,6 +28,7 @@ def directory_bytes(path) -> int:
 def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int,
                    batch_size: int, device, label: str) -> tuple[dict, dict]:
     """(deterministic metrics, runtime figures) for one model."""
+    check_seqlen(model.config, seqlen, "evaluate.seqlen")
     metrics = {"params_total": count_parameters(model), "params_linears": linear_parameters(model), "ppl": {}}
     runtime = {"tokens_per_s": {}}
     for name in datasets:

@@ -59,10 +59,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What from_pretrained raises for a missing, foreign or damaged checkpoint."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
     try:
         return loader.from_pretrained(source.path, **source.kwargs(), **kwargs)
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.name: could not load the {what} from {source.path}: {first}") from None
 
@@ -88,6 +95,7 @@ def load_model(name: str, dtype: str = "float32"):
             del model.config.quantization_config
     model.eval()
     model.config.use_cache = False
+    check_finite_weights(model)
     return model
 
 
@@ -116,9 +124,55 @@ def layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     raise AssertionError("layers not inside model")
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+def is_linear(module: nn.Module) -> bool:
+    """A dense matrix multiply we know how to factorize: nn.Linear (out x in) or the Conv1D of
+    GPT-2 style models (same map, weight stored in x out). Found by type, not by name."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear of either storage order."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.nf, module.nx
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an out x in matrix (a view: Conv1D stores its transpose)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     """The linears of one decoder layer, by their name inside the layer, in module order."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    return {name: m for name, m in layer.named_modules() if is_linear(m)}
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions support, if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int, key: str) -> None:
+    limit = context_length(config)
+    if limit is not None and seqlen > limit:
+        raise UserError(f"{key}: {seqlen} tokens per window, but the model's context is {limit} tokens")
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, resolve(name), "config")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Stop on the first parameter holding NaN or inf, naming it (layer and matrix)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"model: the weight {name} has non-finite values (NaN or inf); the checkpoint is broken")
 
 
 def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:

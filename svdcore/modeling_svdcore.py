@@ -30,14 +30,19 @@ class LowRankLinear(nn.Module):
 
 
 def install_low_rank(model, ranks):
-    """Replace each named nn.Linear by an (uninitialized) LowRankLinear of the given rank."""
+    """Replace each named linear (nn.Linear, or GPT-2's Conv1D whose weight is stored in x out)
+    by an uninitialized LowRankLinear of the given rank computing the same map."""
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         dense = getattr(parent, child)
+        if isinstance(dense, nn.Linear):
+            out_features, in_features = dense.out_features, dense.in_features
+        else:  # Conv1D: y = x W + b with W of shape (nx, nf)
+            out_features, in_features = dense.nf, dense.nx
         ref = dense.weight
-        setattr(parent, child, LowRankLinear(dense.in_features, dense.out_features, rank,
-                                             bias=dense.bias is not None, dtype=ref.dtype, device=ref.device))
+        setattr(parent, child, LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None,
+                                             dtype=ref.dtype, device=ref.device))
     return model
 
 

@@ -1,6 +1,8 @@
 """How many singular values each matrix keeps for a target compression ratio."""
 import math
 
+from .errors import UserError
+
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """Rank r whose factors A (m x r) and B (r x n) store a (1 - ratio) share of m n numbers."""
@@ -24,3 +26,18 @@ def uniform_ranks(shapes: dict[str, list[int]], ratio: float) -> dict[str, int |
 def parameter_count(shapes: dict[str, list[int]], ranks: dict[str, int | None]) -> int:
     """Weights stored by the decoder linears after compression (biases excluded)."""
     return sum(m * n if ranks[name] is None else ranks[name] * (m + n) for name, (m, n) in shapes.items())
+
+
+def check_ranks(ranks: dict, shapes: dict[str, list[int]], source: str) -> None:
+    """A rank file must name exactly the model's linears, each dense (None) or 1 <= r < break-even."""
+    if not isinstance(ranks, dict) or set(ranks) != set(shapes):
+        names = set(ranks) if isinstance(ranks, dict) else set()
+        odd = sorted(names ^ set(shapes))[:3]
+        raise UserError(f"ranks: {source} does not list this model's linears (e.g. {odd}); rerun allocate-ranks")
+    for name, rank in ranks.items():
+        m, n = shapes[name]
+        if rank is None:
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or keeps_dense(m, n, rank):
+            raise UserError(f"ranks: {source} gives {name} ({m} x {n}) rank {rank!r}; expected null (dense) "
+                            f"or an integer in [1, {math.ceil(m * n / (m + n)) - 1}]; rerun allocate-ranks")

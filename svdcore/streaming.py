@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from .progress import progress as tqdm
 
+from .errors import UserError
 from .model import decoder_layers, move_outside_layers
 
 
@@ -64,5 +65,9 @@ def run_layers(model: nn.Module, windows: torch.Tensor, batch_size: int, device:
         layer.to(device)
         finish = visit(index, layer)
         hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs_per_batch)]
-        finish()
+        finish()  # first: it can name the matrix whose statistics went bad
+        for batch, h in enumerate(hidden):
+            if not torch.isfinite(h).all():
+                raise UserError(f"layer {index} ({type(layer).__name__}): non-finite output activations in "
+                                f"calibration batch {batch}; try model.dtype float32")
         layer.to(home)

@@ -1,9 +1,13 @@
 """Tiny models built in-process: no hub, no downloads, seconds to run."""
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +39,34 @@ def tiny_llama(vocab_size: int = 320, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_causal_lm(arch: str, vocab_size: int = 320, seed: int = 0):
+    """A 2-layer random-weight model of one family, small enough to run the pipeline in seconds.
+
+    Together they cover what differs between families: GQA (llama, mistral, qwen2), q/k/v biases
+    (qwen2), linear biases, fc1/fc2 and learned positions (opt), Conv1D weights stored in x out
+    and a fused q/k/v matrix (gpt2), tied (llama, qwen2, opt, gpt2) and untied (mistral) heads.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    gqa = dict(hidden_size=64, intermediate_size=96, num_key_value_heads=2)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, **gqa, tie_word_embeddings=True),
+        "mistral": lambda: tf.MistralConfig(**common, **gqa, sliding_window=16, tie_word_embeddings=False),
+        "qwen2": lambda: tf.Qwen2Config(**common, **gqa, tie_word_embeddings=True),
+        "opt": lambda: tf.OPTConfig(**common, hidden_size=64, ffn_dim=96, word_embed_proj_dim=64),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0),
+    }
+    config = configs[arch]()
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with its tokenizer, usable as model.name."""
@@ -43,3 +75,37 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def sh(args, cwd, env):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def set_params(work, **changes):
+    """Edit params.yaml in `work`: set_params(work, compress__ratio=0.4, device="cpu")."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for path, value in changes.items():
+        section, key = path.split("__") if "__" in path else (None, path)
+        (params[section] if section else params)[key] = value
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
+    """A fresh git + DVC repository holding the project, set up for a tiny model.
+    Returns (directory, environment for subprocesses, the dvc command)."""
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, work / name)
+    for name in ("stages", "svdcore", "data"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(["git", "init", "-q"], work, env)
+    sh(dvc + ["init", "-q"], work, env)
+    set_params(work, device="cpu", model__name=str(model_dir), calibration__samples=6,
+               calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
+               evaluate__max_windows=3, compress__ratio=0.2)
+    return work, env, dvc

@@ -95,6 +95,7 @@ def test_compression_replaces_exactly_the_allocated_linears(tmp_path):
     low = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert low == {n: r for n, r in ranks.items() if r is not None} and len(low) == 14
     assert sum(report["route_counts"].values()) == 14
+    assert sum(report["gram_route_counts"].values()) == 8  # q/k/v, o, gate/up, down in 2 layers
 
 
 def test_saved_model_reloads_in_a_fresh_process_with_identical_logits(tmp_path):

@@ -1,49 +1,15 @@
 """`dvc repro` end to end on a tiny model, in a fresh git + DVC repository."""
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
-import yaml
-
-from conftest import ROOT
+from conftest import dvc_repo, set_params, sh
 
 STAGES = ["collect-calibration", "compute-covariances", "allocate-ranks", "truncate-and-update",
           "evaluate-dense", "evaluate"]
 
 
-def sh(args, cwd, env):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
-def set_params(work, **changes):
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for path, value in changes.items():
-        section, key = path.split("__") if "__" in path else (None, path)
-        (params[section] if section else params)[key] = value
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
-    work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, work / name)
-    for name in ("stages", "svdcore", "data"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
-    dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], work, env)
-    sh(dvc + ["init", "-q"], work, env)
-    set_params(work, device="cpu", model__name=str(tiny_model_dir), calibration__samples=6,
-               calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
-               evaluate__max_windows=3, compress__ratio=0.2)
+    work, env, dvc = dvc_repo(tmp_path / "repo", tiny_model_dir)
 
     first = sh(dvc + ["repro"], work, env)
     for stage in STAGES:

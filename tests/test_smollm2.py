@@ -29,6 +29,7 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
 
     report = compress_model(model, ranks, "svd-llm", tmp_path / "stats", CPU)
     assert sum(report["route_counts"].values()) == 210
+    assert sum(report["gram_route_counts"].values()) == 120
     ppl = perplexity(model, evaluation, 4, CPU)["ppl"]
     # compression costs quality, but whitening keeps the model usable where plain SVD collapses
     assert dense < ppl < 20 * dense

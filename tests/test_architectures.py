@@ -1,0 +1,132 @@
+"""Every stage on tiny models of five families, and the compressed model reloaded.
+
+The stages run in-process (the same `run(name, work)` that `python -m stages.X` calls) in a
+scratch directory, so each family costs seconds; the DVC plumbing itself is tested once, in
+test_pipeline.py.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import ARCHITECTURES, ROOT, tiny_causal_lm, tiny_tokenizer
+from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import compress_model
+from svdcore.lowrank import LowRankLinear, load_compressed
+from svdcore.model import decoder_layers, layer_linears, weight_matrix
+from svdcore.ranks import uniform_ranks
+
+CPU = torch.device("cpu")
+STAGES = [("collect-calibration", "collect_calibration"), ("compute-covariances", "compute_covariances"),
+          ("allocate-ranks", "allocate_ranks"), ("truncate-and-update", "truncate_and_update"),
+          ("evaluate-dense", "evaluate_dense"), ("evaluate", "evaluate")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def run_stages(work, params):
+    """Run every stage in order in `work`, as dvc repro would (same entry point, same files)."""
+    from stages.common import run
+
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    for name, module in STAGES:
+        run(name, importlib.import_module(f"stages.{module}").work)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
+    model_dir = tmp_path / "model"
+    original = tiny_causal_lm(arch, len(tokenizer))
+    original.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(device="cpu")
+    params["model"]["name"] = str(model_dir)
+    params["calibration"].update(samples=8, seqlen=32)
+    params["covariances"]["batch_size"] = 4
+    params["compress"]["ratio"] = 0.3
+    params["evaluate"].update(seqlen=32, max_windows=4)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SVDCORE_DATA", str(ROOT / "data"))
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    run_stages(work, params)
+
+    metrics = json.loads((work / "metrics/evaluate.json").read_text())
+    assert abs(metrics["ratio"]["linears"] - 0.3) < 0.03
+    for ppl in [*metrics["compressed"]["ppl"].values(), *metrics["dense"]["ppl"].values()]:
+        assert 1 < ppl < float("inf")
+    compressed = load_compressed(work / "models/compressed")
+    ranks = json.loads((work / "artifacts/ranks.json").read_text())["ranks"]
+    low = {n: m.rank for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
+    assert low == {n: r for n, r in ranks.items() if r is not None} and low
+
+    # nothing outside the decoder linears changed: embeddings (tied or not), norms, positions, head
+    dense_state = original.state_dict()
+    for name, tensor in compressed.state_dict().items():
+        if not name.endswith((".A", ".B")) and name.rpartition(".")[0] not in low:
+            assert torch.equal(tensor, dense_state[name]), name
+    tied = original.get_output_embeddings().weight is original.get_input_embeddings().weight
+    assert (compressed.get_output_embeddings().weight is compressed.get_input_embeddings().weight) == tied
+
+    # the saved directory loads in a process that never imports svdcore, with the same logits
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = compressed(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(work / 'models/compressed')!r}, trust_remote_code=True)\n"
+        "assert not any(k.startswith('svdcore') for k in sys.modules)\n"
+        f"torch.save(m.eval()(torch.load({str(tmp_path / 'ids.pt')!r})).logits.detach(), {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layer0_output_error_is_the_dropped_whitened_spectrum(arch, tmp_path):
+    """||(W - A B) X||_F^2 = sum of the dropped σ_i^2(W S) for every linear of layer 0, whatever
+    the family stores (a transposed Conv1D weight read the wrong way round would break this)."""
+    model = tiny_causal_lm(arch)
+    windows = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(2))
+    layer0 = decoder_layers(model)[0]
+    inputs, originals, hooks = {}, {}, []
+    for name, module in layer_linears(layer0).items():
+        originals[name] = weight_matrix(module).detach().double().clone()
+        hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]})))
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    collect_grams(model, windows, 3, CPU, lambda i, g, s, t: save_layer(stats, i, g, s, t))
+    ranks = uniform_ranks(linear_shapes(model), 0.4)
+    compress_model(model, ranks, "svd-llm", stats, CPU)
+    prefix = next(n for n in ranks if ".0." in n).rsplit(".0.", 1)[0]
+    checked = 0
+    for name, x in inputs.items():
+        rank = ranks[f"{prefix}.0.{name}"]
+        low = model.get_submodule(f"{prefix}.0.{name}")
+        x = x.reshape(-1, x.shape[-1]).double()
+        weight = originals[name]
+        approx = low.A.double() @ low.B.double()
+        error = ((weight - approx) @ x.T).square().sum()
+        white = torch.linalg.cholesky(x.T @ x + 1e-9 * torch.eye(x.shape[1], dtype=torch.float64))
+        dropped = torch.linalg.svdvals(weight @ white)[rank:].square().sum()
+        torch.testing.assert_close(error, dropped, rtol=1e-4, atol=1e-8 * weight.square().sum().item())
+        checked += 1
+    assert checked == len(layer_linears(decoder_layers(tiny_causal_lm(arch))[0]))
