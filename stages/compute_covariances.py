@@ -21,7 +21,7 @@ def work(params):
                         f"rerun collect-calibration")
     with atomic_path(STATS, is_dir=True) as tmp:
         collect_grams(model, windows, params["covariances"]["batch_size"], device,
-                      lambda index, grams, shares, tokens: save_layer(tmp, index, grams, shares, tokens))
+                      lambda index, stats: save_layer(tmp, index, stats))
     write_json(LINEARS, {"shapes": linear_shapes(model), "tokens": windows.numel()})
     return {"device": str(device), "tokens": windows.numel()}
 

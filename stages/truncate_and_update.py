@@ -4,9 +4,11 @@ from svdcore.compress import compress_model
 from svdcore.covariances import linear_shapes
 from svdcore.errors import UserError
 from svdcore.lowrank import save_compressed
+from svdcore.methods import recipe_from_params
 from svdcore.model import load_model, load_tokenizer, resolve_device
 from svdcore.ranks import check_ranks
 from stages.common import run
+from stages.io import load_calibration
 
 MODEL_DIR = "models/compressed"
 REPORT = "metrics/compress.json"
@@ -15,6 +17,7 @@ REPORT = "metrics/compress.json"
 def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     compress = params["compress"]
+    recipe = recipe_from_params(compress)
     allocation = read_json("artifacts/ranks.json", "ranks")  # checked before the slow model load
     if allocation.get("ratio") != compress["ratio"]:
         raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.ratio {allocation.get('ratio')!r}, "
@@ -25,10 +28,12 @@ def work(params):
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
                         "rerun compute-covariances and allocate-ranks")
-    report = compress_model(model, allocation["ranks"], compress["method"], "artifacts/stats",
-                            device)
+    windows = load_calibration() if recipe.update else None
+    report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device,
+                            windows, params["covariances"]["batch_size"])
     with atomic_path(MODEL_DIR, is_dir=True) as tmp:
-        save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"]})
+        save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
+                                                      **recipe.describe()})
     write_json(REPORT, report)
     return {}
 

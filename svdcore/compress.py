@@ -1,64 +1,137 @@
-"""Truncate every decoder linear to its allocated rank, one layer at a time."""
+"""Truncate every allocated linear to its rank, one decoder layer at a time; optionally refit A
+on the inputs that reach it through the already compressed layers (SVD-LLM's update)."""
 from collections import Counter
 
 import torch
-from .progress import progress as tqdm
 
-from .covariances import load_layer
-from .decompose import truncate_svd, truncate_whitened, whitening
+from .covariances import LayerStats, gram_hooks, load_layer
+from .decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
 from .errors import UserError
 from .lowrank import replace_linear
+from .methods import Recipe, recipe as preset
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
+from .progress import progress as tqdm
+from .streaming import run_layers
 
-NEEDS_STATS = {"svd": False, "svd-llm": True}
+RIDGE = 1e-6  # closed-form update: ridge relative to mean(diag(Z Z^T)), for rank-deficient inputs
 
 
-def compress_model(model, ranks: dict[str, int | None], method: str, stats_dir, device: torch.device) -> dict:
-    """Replace linears in place; return a report of the whitening route each matrix took, and
-    how many distinct Gram matrices (shared inputs) needed each route."""
-    if method not in NEEDS_STATS:
-        raise UserError(f"compress.method: expected one of {', '.join(NEEDS_STATS)}, got {method!r}")
+def _factorize(weight, rank: int, recipe: Recipe, stats: LayerStats | None, group: str | None, cache: dict):
+    """(A, B, route) for one matrix; `cache` keeps one whitening per shared input."""
+    if recipe.metric == "plain":
+        return (*truncate_svd(weight, rank), "none")
+    if recipe.metric == "activation":
+        scales = stats.abs_means[group].to(weight.device) ** recipe.alpha
+        return (*truncate_scaled(weight, scales, rank), "activation")
+    if group not in cache:
+        gram = stats.grams[group].to(weight.device)
+        cache[group] = whitening(gram) if recipe.metric == "whitening" else eigen_whitening(gram.double())
+    white = cache[group]
+    return (*truncate_whitened(weight, white, rank), white.route)
+
+
+def _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, device, routes, gram_routes, bar):
+    """Factorize the allocated linears of one layer in place; return their original weights."""
+    chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
+    if not chosen:
+        return {}
+    stats = load_layer(stats_dir, index) if recipe.needs_stats else None
+    cache, originals = {}, {}
+    for local, module in chosen.items():
+        name = name_of(local)
+        weight = weight_matrix(module).detach().to(device, torch.float64)
+        if not torch.isfinite(weight).all():
+            raise UserError(f"layer {index}, {name}: the weight has non-finite values")
+        group = None
+        if stats is not None:
+            group = stats.shares.get(local)
+            if group is None or group not in stats.grams:
+                raise UserError(f"statistics: no Gram for {name}; the statistics do not match "
+                                f"this model, rerun compute-covariances")
+            if stats.grams[group].shape != (weight.shape[1], weight.shape[1]):
+                raise UserError(f"statistics: the Gram for {name} is {tuple(stats.grams[group].shape)}, but the "
+                                f"matrix has {weight.shape[1]} inputs; rerun compute-covariances")
+        fresh = group not in cache
+        a, b, routes[name] = _factorize(weight, todo[name], recipe, stats, group, cache)
+        if fresh and group in cache:
+            gram_routes[name_of(group)] = routes[name]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "
+                            f"(route {routes[name]})")
+        replace_linear(model, name, a, b)
+        originals[local] = weight
+        bar.update()
+    return originals
+
+
+def refit_a(low, weight: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
+    """Closed-form update: with B fixed, A = argmin ||(W - A B) X||_F = W G B^T (B G B^T)^-1,
+    G = X^T X of the inputs the compressed model feeds this linear. Solved in float64 with a
+    small ridge; kept only if it lowers the error (the ridge could, in theory, make it worse).
+    Returns the output error before and after."""
+    gram = gram.to(weight.device, torch.float64)
+    a, b = low.A.detach().double(), low.B.detach().double()
+    bg = b @ gram
+    zz = bg @ b.T
+    yz = weight @ bg.T
+    ridge = RIDGE * zz.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(zz.shape[0], dtype=zz.dtype, device=zz.device)
+    refit = torch.linalg.solve(zz + ridge * eye, yz.T).T
+
+    def error(a_):
+        d = weight - a_ @ b
+        return float(((d @ gram) * d).sum())
+
+    before, after = error(a), error(refit)
+    if torch.isfinite(refit).all() and after < before:
+        low.A.data.copy_(refit)
+        return before, after
+    return before, before
+
+
+def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, stats_dir, device: torch.device,
+                   windows: torch.Tensor | None = None, batch_size: int = 4) -> dict:
+    """Replace linears in place. `method` is a preset name or a Recipe; the update needs the
+    calibration `windows`. Returns a report: the whitening route of every matrix, how many
+    distinct Grams needed each route, and what the update gained."""
+    recipe = method if isinstance(method, Recipe) else preset(method)
+    if recipe.update and windows is None:
+        raise UserError("compress.update: the closed-form update needs the calibration windows")
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     todo = {n: r for n, r in ranks.items() if r is not None}
     routes: dict[str, str] = {}
     gram_routes: dict[str, str] = {}
-    with tqdm(total=len(todo), desc=f"compress ({method})", unit="matrix") as bar:
-        for index, layer in enumerate(layers):
-            linears = {f"{prefix}.{index}.{n}": m for n, m in layer_linears(layer).items()}
-            chosen = [n for n in linears if n in todo]
-            if not chosen:
-                continue
-            if NEEDS_STATS[method]:
-                grams, shares, _ = load_layer(stats_dir, index)
-                whitenings = {}  # one factorization per shared input (q/k/v, gate/up)
-            for name in chosen:
-                weight = weight_matrix(linears[name]).detach().to(device, torch.float64)
-                if not torch.isfinite(weight).all():
-                    raise UserError(f"layer {index}, {name}: the weight has non-finite values")
-                if NEEDS_STATS[method]:
-                    local = name[len(f"{prefix}.{index}."):]
-                    group = shares.get(local)
-                    if group is None or group not in grams:
-                        raise UserError(f"statistics: no Gram for {name}; the statistics do not match "
-                                        f"this model, rerun compute-covariances")
-                    if grams[group].shape != (weight.shape[1], weight.shape[1]):
-                        raise UserError(f"statistics: the Gram for {name} is {tuple(grams[group].shape)}, but the "
-                                        f"matrix has {weight.shape[1]} inputs; rerun compute-covariances")
-                    if group not in whitenings:
-                        whitenings[group] = whitening(grams[group].to(device))
-                        gram_routes[f"{prefix}.{index}.{group}"] = whitenings[group].route
-                    white = whitenings[group]
-                    a, b = truncate_whitened(weight, white, todo[name])
-                    routes[name] = white.route
-                else:
-                    a, b = truncate_svd(weight, todo[name])
-                    routes[name] = "none"
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                    raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "
-                                    f"(route {routes[name]})")
-                replace_linear(model, name, a.cpu(), b.cpu())
-                bar.update()
-    return {"method": method, "routes": dict(sorted(routes.items())),
-            "route_counts": dict(sorted(Counter(routes.values()).items())),
-            "gram_route_counts": dict(sorted(Counter(gram_routes.values()).items()))}
+    errors = {"before": 0.0, "after": 0.0}
+
+    with tqdm(total=len(todo), desc=f"compress ({recipe.metric})", unit="matrix") as bar:
+        def compress_layer(index, layer):
+            name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
+            return _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, device,
+                                   routes, gram_routes, bar)
+
+        if not recipe.update:
+            for index, layer in enumerate(layers):
+                compress_layer(index, layer)
+        else:
+            def visit(index, layer):
+                originals = compress_layer(index, layer)
+                lows = {local: layer.get_submodule(local) for local in originals}
+
+                def refit_all(_, stats: LayerStats):
+                    for local, low in lows.items():
+                        before, after = refit_a(low, originals[local], stats.grams[stats.shares[local]])
+                        errors["before"] += before
+                        errors["after"] += after
+
+                return gram_hooks(index, layer, lows, refit_all) if lows else (lambda: None)
+
+            run_layers(model, windows, batch_size, device, visit, desc="update", recompute_outputs=True)
+
+    report = {"recipe": recipe.describe(), "routes": dict(sorted(routes.items())),
+              "route_counts": dict(sorted(Counter(routes.values()).items())),
+              "gram_route_counts": dict(sorted(Counter(gram_routes.values()).items()))}
+    if recipe.update:
+        # output error of the compressed linears on their compressed-prefix inputs, after / before
+        report["update_error_ratio"] = errors["after"] / errors["before"] if errors["before"] else 1.0
+    return report

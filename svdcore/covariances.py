@@ -4,6 +4,7 @@ Linears that read the same tensor (q/k/v, gate/up) share one Gram; sharing is fo
 forward pass itself (same input tensor object), so no architecture table is needed.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,79 +16,99 @@ from .model import decoder_layers, layer_linears, layer_prefix, linear_shape
 from .streaming import run_layers
 
 
+ABS_MEAN = "abs_mean/"  # safetensors key prefix of the mean |x| vectors, beside the Grams
+
+
+@dataclass
+class LayerStats:
+    """The statistics of one decoder layer's linear inputs (float64, on the device that made them).
+
+    grams / abs_means: input group -> X^T X / mean |x| per channel; shares: linear -> its group
+    (linears reading the same tensor share one group); tokens: rows of X.
+    """
+
+    grams: dict[str, torch.Tensor]
+    abs_means: dict[str, torch.Tensor]
+    shares: dict[str, str]
+    tokens: int
+
+
 def layer_file(stats_dir, index: int) -> Path:
     return Path(stats_dir) / f"layer_{index:03d}.safetensors"
 
 
 def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer) -> None:
-    """Stream the model and call `on_layer(index, grams, shares, tokens)` for every layer.
-
-    grams: input group name -> float64 Gram (on CPU); shares: linear name -> its group name.
-    """
+    """Stream the model and call `on_layer(index, LayerStats)` for every layer."""
 
     def visit(index, layer):
         linears = layer_linears(layer)
         if not linears:
             raise UserError(f"model: decoder layer {index} ({type(layer).__name__}) has no nn.Linear or "
                             f"Conv1D to compress")
-        accumulators: dict[str, GramAccumulator] = {}
-        shares: dict[str, str] = {}
-        seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
-        alive: list[torch.Tensor] = []  # keep inputs referenced so their ids are not reused
-
-        def hook_for(name):
-            def hook(module, args):
-                x = args[0]
-                group = seen.get(id(x))
-                if group is None:
-                    if not torch.isfinite(x).all():
-                        raise UserError(f"layer {index}, {name}: non-finite input activations (NaN or inf)")
-                    group = seen[id(x)] = name
-                    alive.append(x)
-                    if name not in accumulators:
-                        accumulators[name] = GramAccumulator(x.shape[-1], x.device)
-                    accumulators[name].add(x)
-                if shares.setdefault(name, group) != group:
-                    raise RuntimeError(f"layer {index}: input sharing of {name} changed between batches")
-            return hook
-
-        def new_batch(module, args):
-            seen.clear()
-            alive.clear()
-
-        handles = [layer.register_forward_pre_hook(new_batch)]
-        handles += [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
-
-        def finish():
-            for h in handles:
-                h.remove()
-            seen.clear()
-            alive.clear()
-            missing = sorted(set(linears) - set(shares))
-            if missing:
-                raise RuntimeError(f"layer {index}: linears never called in the forward pass: {missing}")
-            grams = {}
-            for group, acc in accumulators.items():
-                if not torch.isfinite(acc.gram).all():
-                    raise UserError(f"layer {index}, {group}: the Gram matrix has non-finite values "
-                                    f"(activations overflowed; try model.dtype float32)")
-                grams[group] = acc.gram.cpu()
-            on_layer(index, grams, dict(shares), next(iter(accumulators.values())).tokens)
-
-        return finish
+        return gram_hooks(index, layer, linears, on_layer)
 
     run_layers(model, windows, batch_size, device, visit, desc="covariances")
 
 
-def save_layer(stats_dir, index: int, grams: dict, shares: dict, tokens: int) -> None:
+def gram_hooks(index: int, layer, linears: dict, on_done):
+    """Hook `linears` (name -> module inside `layer`) to accumulate one Gram per distinct input;
+    return the function that removes the hooks and calls `on_done(index, LayerStats)`."""
+    accumulators: dict[str, GramAccumulator] = {}
+    shares: dict[str, str] = {}
+    seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
+    alive: list[torch.Tensor] = []  # keep inputs referenced so their ids are not reused
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            group = seen.get(id(x))
+            if group is None:
+                if not torch.isfinite(x).all():
+                    raise UserError(f"layer {index}, {name}: non-finite input activations (NaN or inf)")
+                group = seen[id(x)] = name
+                alive.append(x)
+                if name not in accumulators:
+                    accumulators[name] = GramAccumulator(x.shape[-1], x.device)
+                accumulators[name].add(x)
+            if shares.setdefault(name, group) != group:
+                raise RuntimeError(f"layer {index}: input sharing of {name} changed between batches")
+        return hook
+
+    def new_batch(module, args):
+        seen.clear()
+        alive.clear()
+
+    handles = [layer.register_forward_pre_hook(new_batch)]
+    handles += [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+
+    def finish():
+        for h in handles:
+            h.remove()
+        seen.clear()
+        alive.clear()
+        missing = sorted(set(linears) - set(shares))
+        if missing:
+            raise RuntimeError(f"layer {index}: linears never called in the forward pass: {missing}")
+        for group, acc in accumulators.items():
+            if not torch.isfinite(acc.gram).all():
+                raise UserError(f"layer {index}, {group}: the Gram matrix has non-finite values "
+                                f"(activations overflowed; try model.dtype float32)")
+        on_done(index, LayerStats({g: acc.gram for g, acc in accumulators.items()},
+                                  {g: acc.abs_mean for g, acc in accumulators.items()},
+                                  dict(shares), next(iter(accumulators.values())).tokens))
+
+    return finish
+
+
+def save_layer(stats_dir, index: int, stats: LayerStats) -> None:
     # One metadata key: safetensors writes the metadata map in no fixed order, so two keys
     # would make identical statistics differ byte-wise from run to run.
-    meta = {"svdcore": json.dumps({"shares": shares, "tokens": tokens}, sort_keys=True)}
-    save_file({g: t.contiguous() for g, t in sorted(grams.items())}, str(layer_file(stats_dir, index)), metadata=meta)
+    meta = {"svdcore": json.dumps({"shares": stats.shares, "tokens": stats.tokens}, sort_keys=True)}
+    tensors = {**stats.grams, **{ABS_MEAN + g: v for g, v in stats.abs_means.items()}}
+    save_file({k: t.contiguous().cpu() for k, t in sorted(tensors.items())}, str(layer_file(stats_dir, index)), metadata=meta)
 
 
-def load_layer(stats_dir, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
-    """Grams of one layer as (group -> Gram, linear -> group, token count)."""
+def load_layer(stats_dir, index: int) -> LayerStats:
     from safetensors import safe_open
 
     path = layer_file(stats_dir, index)
@@ -96,10 +117,15 @@ def load_layer(stats_dir, index: int) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["svdcore"])
-        grams = load_file(str(path))
-        return grams, meta["shares"], meta["tokens"]
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"statistics: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-covariances") from None
+    grams = {k: v for k, v in tensors.items() if not k.startswith(ABS_MEAN)}
+    abs_means = {k[len(ABS_MEAN):]: v for k, v in tensors.items() if k.startswith(ABS_MEAN)}
+    if set(abs_means) != set(grams):
+        raise UserError(f"statistics: {path} lacks the mean |x| of some inputs (made by an older svdcore?); "
+                        f"rerun compute-covariances")
+    return LayerStats(grams, abs_means, meta["shares"], meta["tokens"])
 
 
 def linear_shapes(model) -> dict[str, list[int]]:

@@ -74,3 +74,15 @@ def truncate_whitened(weight: torch.Tensor, white: Whitening, rank: int) -> tupl
     u, s, vh = torch.linalg.svd(weight.double() @ white.factor, full_matrices=False)
     a, b_white = _split_sqrt(u, s, vh, rank)
     return a, white.unwhiten(b_white)
+
+
+def truncate_scaled(weight: torch.Tensor, scales: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD / FWSVD: truncate the SVD of W diag(s), then B = sqrt(Σ_r) V_r^T diag(s)^-1.
+
+    Input channels that never fire (s = 0) would make diag(s) singular; they are floored at a
+    tiny fraction of the largest scale, so they are simply the first to be dropped.
+    """
+    scales = scales.double().clamp_min(torch.finfo(torch.float64).eps * scales.max().clamp_min(1e-300))
+    u, s, vh = torch.linalg.svd(weight.double() * scales, full_matrices=False)
+    a, b_scaled = _split_sqrt(u, s, vh, rank)
+    return a, b_scaled / scales

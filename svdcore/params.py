@@ -5,8 +5,9 @@ Each check names the key, the value and what is allowed, so a user error is one 
 from pathlib import Path
 
 from .errors import UserError
+from .methods import METRICS, PRESETS
 
-METHODS = ("svd", "svd-llm")
+METHODS = tuple(PRESETS)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,6 +34,26 @@ def _choice(options):
     return check
 
 
+def _optional(check, meaning):
+    def optional(key, v):
+        if v is not None:
+            try:
+                check(key, v)
+            except UserError as e:
+                raise UserError(f"{e} (or null for {meaning})") from None
+    return optional
+
+
+def _flag(key, v):
+    if not isinstance(v, bool):
+        raise UserError(f"{key}: expected true or false, got {v!r}")
+
+
+def _exponent(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+        raise UserError(f"{key}: expected a number in (0, 1] (the exponent of mean |x|), got {v!r}")
+
+
 def _text(key, v):
     if not isinstance(v, str) or not v.strip():
         raise UserError(f"{key}: expected a non-empty string, got {v!r}")
@@ -55,7 +76,8 @@ SCHEMA = {
     "model": {"name": _text, "dtype": _choice(DTYPES)},
     "calibration": {"dataset": _text, "samples": _int(1), "seqlen": _int(8), "seed": _int(0)},
     "covariances": {"batch_size": _int(1)},
-    "compress": {"ratio": _ratio, "method": _choice(METHODS)},
+    "compress": {"ratio": _ratio, "method": _choice(METHODS), "metric": _optional(_choice(METRICS), "the method's own"),
+                 "alpha": _exponent, "update": _flag},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},
     "mlflow": {"experiment": _text},

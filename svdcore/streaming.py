@@ -51,12 +51,15 @@ def _output(out):
 
 @torch.no_grad()
 def run_layers(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-               visit: Callable[[int, nn.Module], Callable[[], None]], desc: str = "layers") -> None:
+               visit: Callable[[int, nn.Module], Callable[[], None]], desc: str = "layers",
+               recompute_outputs: bool = False) -> None:
     """Stream `windows` through the decoder layers one layer at a time.
 
     `visit(index, layer)` is called with the layer already on `device`, before it runs; it may
     install hooks and returns a function called after the layer has seen every batch (to
-    remove hooks and store what was gathered). The layer goes back to its original device after.
+    remove hooks and store what was gathered). With `recompute_outputs` the layer runs again
+    after that function, because it changed the layer and the next layer must see the change.
+    The layer goes back to its original device after.
     """
     layers = decoder_layers(model)
     hidden, kwargs_per_batch = capture_layer_inputs(model, windows, batch_size, device)
@@ -64,8 +67,11 @@ def run_layers(model: nn.Module, windows: torch.Tensor, batch_size: int, device:
         home = next(layer.parameters()).device
         layer.to(device)
         finish = visit(index, layer)
-        hidden = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs_per_batch)]
-        finish()  # first: it can name the matrix whose statistics went bad
+        outputs = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs_per_batch)]
+        finish()  # before the check below: it can name the matrix whose statistics went bad
+        if recompute_outputs:
+            outputs = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs_per_batch)]
+        hidden = outputs
         for batch, h in enumerate(hidden):
             if not torch.isfinite(h).all():
                 raise UserError(f"layer {index} ({type(layer).__name__}): non-finite output activations in "

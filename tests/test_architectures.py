@@ -113,7 +113,7 @@ def test_layer0_output_error_is_the_dropped_whitened_spectrum(arch, tmp_path):
         hook.remove()
     stats = tmp_path / "stats"
     stats.mkdir()
-    collect_grams(model, windows, 3, CPU, lambda i, g, s, t: save_layer(stats, i, g, s, t))
+    collect_grams(model, windows, 3, CPU, lambda i, st: save_layer(stats, i, st))
     ranks = uniform_ranks(linear_shapes(model), 0.4)
     compress_model(model, ranks, "svd-llm", stats, CPU)
     prefix = next(n for n in ranks if ".0." in n).rsplit(".0.", 1)[0]

@@ -89,7 +89,7 @@ def test_unknown_keys_are_named(section, name):
 def stats_for(model, directory, windows=None):
     windows = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(0)) if windows is None else windows
     directory.mkdir(exist_ok=True)
-    collect_grams(model, windows, 3, CPU, lambda i, g, s, t: save_layer(directory, i, g, s, t))
+    collect_grams(model, windows, 3, CPU, lambda i, st: save_layer(directory, i, st))
     return directory
 
 

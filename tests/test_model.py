@@ -42,7 +42,7 @@ def whole_model_grams(model, windows):
 
 def streamed(model, windows, batch_size=4):
     layers = {}
-    collect_grams(model, windows, batch_size, CPU, lambda i, g, s, t: layers.setdefault(i, (g, s, t)))
+    collect_grams(model, windows, batch_size, CPU, lambda i, stats: layers.setdefault(i, stats))
     return layers
 
 
@@ -51,8 +51,9 @@ def test_streamed_grams_equal_a_whole_model_pass_and_share_inputs():
     reference = whole_model_grams(model, windows)
     layers = streamed(model, windows)
     assert sorted(layers) == [0, 1]
-    for index, (grams, shares, tokens) in layers.items():
-        assert tokens == windows.numel()
+    for index, stats in layers.items():
+        grams, shares = stats.grams, stats.shares
+        assert stats.tokens == windows.numel()
         # q/k/v read one tensor and gate/up another: 4 Grams per Llama block, not 7
         assert shares["self_attn.k_proj"] == shares["self_attn.v_proj"] == shares["self_attn.q_proj"]
         assert shares["mlp.up_proj"] == shares["mlp.gate_proj"]
@@ -60,20 +61,26 @@ def test_streamed_grams_equal_a_whole_model_pass_and_share_inputs():
         for linear, group in shares.items():
             expected = reference[f"model.layers.{index}.{linear}"]
             torch.testing.assert_close(grams[group], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # mean |x| per channel (ASVD), from the same pass
+    x = torch.nn.functional.embedding(windows, model.model.embed_tokens.weight)
+    x = model.model.layers[0].input_layernorm(x).reshape(-1, x.shape[-1]).double()
+    torch.testing.assert_close(layers[0].abs_means[layers[0].shares["self_attn.q_proj"]], x.abs().mean(0))
 
 
 def test_stats_file_roundtrip(tmp_path):
     model, windows = tiny_llama(), calibration()
     layers = streamed(model, windows)
-    save_layer(tmp_path, 0, *layers[0])
-    grams, shares, tokens = load_layer(tmp_path, 0)
-    assert shares == layers[0][1] and tokens == layers[0][2]
-    for key in grams:
-        assert torch.equal(grams[key], layers[0][0][key])
+    save_layer(tmp_path, 0, layers[0])
+    loaded = load_layer(tmp_path, 0)
+    assert loaded.shares == layers[0].shares and loaded.tokens == layers[0].tokens
+    assert loaded.grams.keys() == layers[0].grams.keys() == loaded.abs_means.keys()
+    for key in loaded.grams:
+        assert torch.equal(loaded.grams[key], layers[0].grams[key])
+        assert torch.equal(loaded.abs_means[key], layers[0].abs_means[key])
     # byte-identical on every save (DVC hashes, reproducibility): ten saves, one content
     first = (tmp_path / "layer_000.safetensors").read_bytes()
     for _ in range(9):
-        save_layer(tmp_path, 0, *layers[0])
+        save_layer(tmp_path, 0, layers[0])
         assert (tmp_path / "layer_000.safetensors").read_bytes() == first
     (tmp_path / "layer_001.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(UserError, match="unreadable"):
@@ -84,7 +91,7 @@ def compressed_tiny(tmp_path, ratio=0.3):
     model, windows = tiny_llama(), calibration(samples=12, seqlen=32)
     stats = tmp_path / "stats"
     stats.mkdir()
-    collect_grams(model, windows, 4, CPU, lambda i, g, s, t: save_layer(stats, i, g, s, t))
+    collect_grams(model, windows, 4, CPU, lambda i, st: save_layer(stats, i, st))
     ranks = uniform_ranks(linear_shapes(model), ratio)
     report = compress_model(model, ranks, "svd-llm", stats, CPU)
     return model, ranks, report

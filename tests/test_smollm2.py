@@ -19,7 +19,7 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     evaluation = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 128, 4)
     dense = perplexity(model, evaluation, 4, CPU)["ppl"]
     (tmp_path / "stats").mkdir()
-    collect_grams(model, calib, 4, CPU, lambda i, g, s, t: save_layer(tmp_path / "stats", i, g, s, t))
+    collect_grams(model, calib, 4, CPU, lambda i, st: save_layer(tmp_path / "stats", i, st))
     ranks = uniform_ranks(linear_shapes(model), 0.2)
 
     plain = load_model("smollm2-135m")
