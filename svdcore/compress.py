@@ -51,16 +51,14 @@ def _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, devic
             if stats.grams[group].shape != (weight.shape[1], weight.shape[1]):
                 raise UserError(f"statistics: the Gram for {name} is {tuple(stats.grams[group].shape)}, but the "
                                 f"matrix has {weight.shape[1]} inputs; rerun compute-covariances")
-        fresh = group not in cache
         a, b, routes[name] = _factorize(weight, todo[name], recipe, stats, group, cache)
-        if fresh and group in cache:
-            gram_routes[name_of(group)] = routes[name]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "
                             f"(route {routes[name]})")
         replace_linear(model, name, a, b)
         originals[local] = weight
         bar.update()
+    gram_routes.update({name_of(group): white.route for group, white in cache.items()})
     return originals
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .gram import GramAccumulator
-from .model import decoder_layers, layer_linears, layer_prefix, linear_shape
+from .model import decoder_layers, layer_linears, layer_prefix
+from .modeling_svdcore import linear_shape
 from .streaming import run_layers
 
 

