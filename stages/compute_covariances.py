@@ -2,7 +2,7 @@
 from svdcore.atomic import atomic_path, write_json
 from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.errors import UserError
-from svdcore.model import load_model, resolve_device
+from svdcore.model import load_model, resolve_device, resolve_dtype
 from stages.common import run
 from stages.io import load_calibration
 
@@ -13,15 +13,17 @@ LINEARS = "artifacts/linears.json"
 def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     windows = load_calibration()
-    model = load_model(params["model"]["name"], params["model"]["dtype"])
+    model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     vocab = model.get_input_embeddings().num_embeddings
     if windows.numel() and int(windows.max()) >= vocab:
         raise UserError(f"calibration: token id {int(windows.max())} in artifacts/calibration.safetensors is outside "
                         f"the model's vocabulary ({vocab}); the windows were made with another tokenizer, "
                         f"rerun collect-calibration")
     with atomic_path(STATS, is_dir=True) as tmp:
-        collect_grams(model, windows, params["covariances"]["batch_size"], device,
-                      lambda index, stats: save_layer(tmp, index, stats))
+        cov = params["covariances"]
+        # deferred: on a GPU each layer's write overlaps the next layer's forward pass
+        collect_grams(model, windows, cov["batch_size"], device,
+                      lambda index, stats: lambda: save_layer(tmp, index, stats), offload=cov["offload_activations"])
     write_json(LINEARS, {"shapes": linear_shapes(model), "tokens": windows.numel()})
     return {"device": str(device), "tokens": windows.numel()}
 

@@ -1,13 +1,11 @@
 """evaluate: the compressed model against the cached dense baseline; metrics + one MLflow run."""
 import time
 
-import torch
-
 from svdcore.atomic import read_json, write_json
 from svdcore.errors import UserError
 from svdcore.evaluation import directory_bytes, evaluate_model, linear_parameters
 from svdcore.lowrank import load_compressed
-from svdcore.model import resolve_device
+from svdcore.model import resolve_device, resolve_dtype
 from svdcore.tracking import log_run
 from stages.common import STAGE_METRICS, STARTED, peak_memory, run
 from stages.truncate_and_update import MODEL_DIR, REPORT
@@ -24,7 +22,7 @@ def work(params):
     dense = read_json("metrics/dense.json", "dense baseline")
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
-    model = load_compressed(MODEL_DIR, dtype=getattr(torch, params["model"]["dtype"]))
+    model = load_compressed(MODEL_DIR, dtype=resolve_dtype(params["model"]["dtype"], device))
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     compressed, runtime = evaluate_model(model, AutoTokenizer.from_pretrained(MODEL_DIR), ev["datasets"],

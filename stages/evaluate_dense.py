@@ -3,7 +3,7 @@ from pathlib import Path
 
 from svdcore.atomic import write_json
 from svdcore.evaluation import directory_bytes, evaluate_model
-from svdcore.model import load_model, load_tokenizer, resolve, resolve_device, weight_bytes
+from svdcore.model import load_model, load_tokenizer, resolve, resolve_device, resolve_dtype, weight_bytes
 from stages.common import run
 
 OUT = "metrics/dense.json"
@@ -13,7 +13,7 @@ def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     ev = params["evaluate"]
     name = params["model"]["name"]
-    model = load_model(name, params["model"]["dtype"])
+    model = load_model(name, resolve_dtype(params["model"]["dtype"], device))
     metrics, runtime = evaluate_model(model, load_tokenizer(name), ev["datasets"], ev["seqlen"], ev["max_windows"],
                                       ev["batch_size"], device, "dense")
     source = resolve(name)

@@ -5,7 +5,7 @@ from svdcore.covariances import linear_shapes
 from svdcore.errors import UserError
 from svdcore.lowrank import save_compressed
 from svdcore.methods import recipe_from_params
-from svdcore.model import load_model, load_tokenizer, resolve_device
+from svdcore.model import load_model, load_tokenizer, resolve_device, resolve_dtype
 from svdcore.ranks import check_ranks
 from stages.common import run
 from stages.io import load_calibration
@@ -19,18 +19,20 @@ def work(params):
     compress = params["compress"]
     recipe = recipe_from_params(compress)
     allocation = read_json("artifacts/ranks.json", "ranks")  # checked before the slow model load
-    if allocation.get("ratio") != compress["ratio"]:
-        raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.ratio {allocation.get('ratio')!r}, "
-                        f"params.yaml says {compress['ratio']!r}; rerun allocate-ranks")
+    for key in ("ratio", "rank_multiple"):
+        if allocation.get(key) != compress[key]:
+            raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.{key} {allocation.get(key)!r}, "
+                            f"params.yaml says {compress[key]!r}; rerun allocate-ranks")
     check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
-    model = load_model(params["model"]["name"], params["model"]["dtype"])
+    model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     tokenizer = load_tokenizer(params["model"]["name"])
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
                         "rerun compute-covariances and allocate-ranks")
     windows = load_calibration() if recipe.update else None
-    report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device,
-                            windows, params["covariances"]["batch_size"])
+    cov = params["covariances"]
+    report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device, windows, cov["batch_size"],
+                            route=compress["route"], offload=cov["offload_activations"])
     with atomic_path(MODEL_DIR, is_dir=True) as tmp:
         save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
                                                       **recipe.describe()})

@@ -5,41 +5,51 @@ from collections import Counter
 import torch
 
 from .covariances import LayerStats, gram_hooks, load_layer
-from .decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
+from .decompose import IDENTITY, choose_route, diagonal_whitening, eigen_whitening, truncate, whitening
 from .errors import UserError
 from .lowrank import replace_linear
 from .methods import Recipe, recipe as preset
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
 from .progress import progress as tqdm
 from .streaming import run_layers
+from .timing import section
 
 RIDGE = 1e-6  # closed-form update: ridge relative to mean(diag(Z Z^T)), for rank-deficient inputs
 
 
-def _factorize(weight, rank: int, recipe: Recipe, stats: LayerStats | None, group: str | None, cache: dict):
-    """(A, B, route) for one matrix; `cache` keeps one whitening per shared input."""
+def _factorize(weight, rank: int, recipe: Recipe, stats: LayerStats | None, group: str | None, cache: dict,
+               route: str):
+    """(A, B, route taken) for one matrix; `cache` keeps one device Gram and one whitening per
+    shared input."""
+    route = choose_route(route, *weight.shape)
     if recipe.metric == "plain":
-        return (*truncate_svd(weight, rank), "none")
+        return (*truncate(weight, rank, IDENTITY, route), route)
     if recipe.metric == "activation":
         scales = stats.abs_means[group].to(weight.device) ** recipe.alpha
-        return (*truncate_scaled(weight, scales, rank), "activation")
+        return (*truncate(weight, rank, diagonal_whitening(scales), route), f"{route}/activation")
+    if ("gram", group) not in cache:
+        cache["gram", group] = stats.grams[group].to(weight.device, torch.float64)
+    gram = cache["gram", group]
+    if route == "eigh-out":  # W G W^T needs no factor of G: exact for both whitening metrics
+        return (*truncate(weight, rank, None, route, gram=gram), route)
     if group not in cache:
-        gram = stats.grams[group].to(weight.device)
-        cache[group] = whitening(gram) if recipe.metric == "whitening" else eigen_whitening(gram.double())
+        cache[group] = whitening(gram) if recipe.metric == "whitening" else eigen_whitening(gram)
     white = cache[group]
-    return (*truncate_whitened(weight, white, rank), white.route)
+    return (*truncate(weight, rank, white, route), f"{route}/{white.route}")
 
 
-def _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, device, routes, gram_routes, bar):
-    """Factorize the allocated linears of one layer in place; return their original weights."""
+def _compress_layer(model, name_of, index, layer, todo, recipe, route, stats, device, routes, gram_routes, bar):
+    """Factorize the allocated linears of one layer in place; return their original weights.
+    `stats` is the layer's LayerStats, or a function that loads them (called only if needed)."""
     chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
     if not chosen:
         return {}
-    stats = load_layer(stats_dir, index) if recipe.needs_stats else None
+    if callable(stats):
+        stats = stats() if recipe.needs_stats else None
     cache, originals = {}, {}
     for local, module in chosen.items():
         name = name_of(local)
-        weight = weight_matrix(module).detach().to(device, torch.float64)
+        weight = weight_matrix(module).detach().to(device).double()  # widened on the device, not before the copy
         if not torch.isfinite(weight).all():
             raise UserError(f"layer {index}, {name}: the weight has non-finite values")
         group = None
@@ -51,14 +61,16 @@ def _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, devic
             if stats.grams[group].shape != (weight.shape[1], weight.shape[1]):
                 raise UserError(f"statistics: the Gram for {name} is {tuple(stats.grams[group].shape)}, but the "
                                 f"matrix has {weight.shape[1]} inputs; rerun compute-covariances")
-        a, b, routes[name] = _factorize(weight, todo[name], recipe, stats, group, cache)
+        with section("decompose"):
+            a, b, routes[name] = _factorize(weight, todo[name], recipe, stats, group, cache, route)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "
                             f"(route {routes[name]})")
-        replace_linear(model, name, a, b)
+        with section("install factors"):
+            replace_linear(model, name, a, b)
         originals[local] = weight
         bar.update()
-    gram_routes.update({name_of(group): white.route for group, white in cache.items()})
+    gram_routes.update({name_of(key): white.route for key, white in cache.items() if isinstance(key, str)})
     return originals
 
 
@@ -88,13 +100,22 @@ def refit_a(low, weight: torch.Tensor, gram: torch.Tensor) -> tuple[float, float
 
 
 def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, stats_dir, device: torch.device,
-                   windows: torch.Tensor | None = None, batch_size: int = 4) -> dict:
-    """Replace linears in place. `method` is a preset name or a Recipe; the update needs the
-    calibration `windows`. Returns a report: the whitening route of every matrix, how many
-    distinct Grams needed each route, and what the update gained."""
+                   windows: torch.Tensor | None = None, batch_size: int = 4, route: str = "auto",
+                   offload: bool = False) -> dict:
+    """Replace linears in place. `method` is a preset name or a Recipe; `route` picks the
+    decomposition (decompose.ROUTES). The statistics come from `stats_dir` (compute-covariances'
+    output); with `stats_dir` None and calibration `windows` given, they are gathered in the same
+    streamed pass instead, each layer truncated on the device as soon as its Grams are complete
+    (one pass, nothing written: what a one-off compression on a GPU wants). The update always
+    needs `windows`. Returns a report: the route of every matrix (decomposition/whitening), how
+    many distinct Grams needed each whitening route, and what the update gained."""
     recipe = method if isinstance(method, Recipe) else preset(method)
     if recipe.update and windows is None:
         raise UserError("compress.update: the closed-form update needs the calibration windows")
+    fused = recipe.needs_stats and stats_dir is None
+    if fused and (windows is None or recipe.update):
+        raise UserError(f"compress: the {recipe.metric} metric needs the statistics directory"
+                        + ("" if windows is None else " when compress.update is on"))
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     todo = {n: r for n, r in ranks.items() if r is not None}
@@ -103,12 +124,23 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
     errors = {"before": 0.0, "after": 0.0}
 
     with tqdm(total=len(todo), desc=f"compress ({recipe.metric})", unit="matrix") as bar:
-        def compress_layer(index, layer):
+        def compress_layer(index, layer, stats=None):
+            def load():
+                with section("load stats"):
+                    return load_layer(stats_dir, index)
+
             name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
-            return _compress_layer(model, name_of, index, layer, todo, recipe, stats_dir, device,
+            return _compress_layer(model, name_of, index, layer, todo, recipe, route, stats or load, device,
                                    routes, gram_routes, bar)
 
-        if not recipe.update:
+        if fused:
+            def visit(index, layer):
+                # deferred: on a GPU the decompositions overlap the next layer's forward pass
+                return gram_hooks(index, layer, layer_linears(layer),
+                                  lambda i, stats: lambda: compress_layer(i, layer, stats))
+
+            run_layers(model, windows, batch_size, device, visit, desc="statistics+compress", offload=offload)
+        elif not recipe.update:
             for index, layer in enumerate(layers):
                 compress_layer(index, layer)
         else:
@@ -124,7 +156,8 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
 
                 return gram_hooks(index, layer, lows, refit_all) if lows else (lambda: None)
 
-            run_layers(model, windows, batch_size, device, visit, desc="update", recompute_outputs=True)
+            run_layers(model, windows, batch_size, device, visit, desc="update", recompute_outputs=True,
+                       offload=offload)
 
     report = {"recipe": recipe.describe(), "routes": dict(sorted(routes.items())),
               "route_counts": dict(sorted(Counter(routes.values()).items())),

@@ -1,6 +1,16 @@
 """Truncated factorizations W ≈ A B, plain and truncation-aware (SVD-LLM whitening).
 
-All math runs in float64; callers cast the factors to the model's dtype.
+Every method minimizes ||(W - A B) S||_F for some factor S of its Gram (S S^T = G): S = I for
+plain SVD, diag(mean|x|^α) for ASVD, a Cholesky or eigen factor of X^T X for SVD-LLM. The
+optimum keeps the top-r singular triplets of M = W S, and three routes reach it:
+
+  svd       SVD of M (m x n): the reference, and the slowest by far on a GPU
+  eigh-out  eigh of M M^T = W G W^T (m x m); A B = U_r U_r^T W, no S^-1 needed (m <= n)
+  eigh-in   eigh of M^T M (n x n), then B through S^-1 (m > n)
+
+`auto` takes the eigh route on the smaller side: 10-15x faster than the SVD on a GPU and
+several times faster on a CPU, with the same loss (tests/test_linalg.py). All math runs in
+float64; callers cast the factors to the model's dtype.
 """
 from dataclasses import dataclass
 
@@ -8,37 +18,50 @@ import torch
 
 JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # relative to mean(diag G)
 EIGEN_FLOOR = 1e-10  # eigen route: directions with λ <= EIGEN_FLOOR * λ_max carry no energy
-
-
-def _split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):
-    """A = U_r sqrt(Σ_r), B = sqrt(Σ_r) V_r^T: the balanced split keeps both factors well scaled."""
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
-def truncate_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain SVD truncation (the data-free baseline)."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return _split_sqrt(u, s, vh, rank)
+ROUTES = ("auto", "svd", "eigh-out", "eigh-in")
 
 
 @dataclass
 class Whitening:
     """A factor S of the Gram (G ≈ S S^T), n x k, with the way back from whitened space.
 
-    route says how S was obtained: "cholesky", "jitter-<eps>" (Cholesky of G + eps mean(diag G) I) or "eigen".
+    route says how S was obtained: "cholesky", "jitter-<eps>" (Cholesky of G + eps mean(diag G) I),
+    "eigen" (S = U_k Λ_k^(1/2)), "diagonal" (S = diag(scales)) or "identity".
     """
 
     route: str
-    factor: torch.Tensor  # lower-triangular n x n (cholesky routes) or U_k Λ_k^(1/2) (eigen)
+    factor: torch.Tensor | None = None  # lower-triangular n x n (cholesky routes) or U_k Λ_k^(1/2)
     eigvals: torch.Tensor | None = None
     eigvecs: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # diagonal S
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W S."""
+        if self.route == "identity":
+            return weight
+        if self.scales is not None:
+            return weight * self.scales
+        return weight @ self.factor
 
     def unwhiten(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (r x k) -> rows S^+ (r x n), so that (rows S^+) S = rows."""
+        if self.route == "identity":
+            return rows
+        if self.scales is not None:
+            return rows / self.scales
         if self.eigvecs is None:  # X S^-1 by a triangular solve, never an explicit inverse
             return torch.linalg.solve_triangular(self.factor, rows, upper=False, left=False)
         return (rows / self.eigvals.sqrt()) @ self.eigvecs.T
+
+
+IDENTITY = Whitening("identity")
+
+
+def diagonal_whitening(scales: torch.Tensor) -> Whitening:
+    """S = diag(s). Channels that never fire (s = 0) would make S singular; they are floored at
+    a tiny fraction of the largest scale, so they are simply the first to be dropped."""
+    scales = scales.double().clamp_min(torch.finfo(torch.float64).eps * scales.max().clamp_min(1e-300))
+    return Whitening("diagonal", scales=scales)
 
 
 def eigen_whitening(gram: torch.Tensor) -> Whitening:
@@ -65,24 +88,75 @@ def whitening(gram: torch.Tensor) -> Whitening:
     return eigen_whitening(gram)
 
 
-def truncate_whitened(weight: torch.Tensor, white: Whitening, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_route(route: str, m: int, n: int) -> str:
+    """auto: the eigh route on the smaller side of an m x n matrix."""
+    if route == "auto":
+        return "eigh-out" if m <= n else "eigh-in"
+    if route not in ROUTES:
+        raise ValueError(f"route {route!r}: expected one of {ROUTES}")
+    return route
+
+
+def _top_eigh(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenvalues (as singular values σ = sqrt λ, descending) and vectors."""
+    vals, vecs = torch.linalg.eigh((sym + sym.T) / 2)
+    vals, vecs = vals.flip(0)[:rank], vecs.flip(1)[:, :rank]
+    return vals.clamp_min(0).sqrt(), vecs
+
+
+def _root(sigma: torch.Tensor) -> torch.Tensor:
+    """sqrt(σ) for the balanced split, floored so a direction with no energy cannot divide by 0
+    (A B is unchanged by the floor: the same number scales A's column and divides B's row)."""
+    floor = sigma.max().clamp_min(torch.finfo(sigma.dtype).tiny) * 1e-12
+    return sigma.clamp_min(floor).sqrt()
+
+
+def truncate(weight: torch.Tensor, rank: int, white: Whitening = IDENTITY, route: str = "auto",
+             gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (m x r), B (r x n) minimizing ||(W - A B) S||_F, split as A = U_r Σ_r^½, B = Σ_r^½ V_r^T S^-1
+    (the balanced split keeps both factors well scaled for low-precision storage).
+
+    With `gram` given, the eigh-out route uses W G W^T directly (exact even for a singular G,
+    and no factor S is needed at all: `white` may then be None)."""
+    weight = weight.double()
+    m, n = weight.shape
+    route = choose_route(route, m, n)
+    if route == "eigh-out":
+        if gram is not None:
+            gram = gram.double()
+            sym = (weight @ gram) @ weight.T
+        else:
+            ws = white.apply(weight)
+            sym = ws @ ws.T
+        sigma, u = _top_eigh(sym, rank)
+        root = _root(sigma)
+        return u * root, (u.T @ weight) / root[:, None]
+    ws = white.apply(weight)
+    if route == "svd":
+        u, s, vh = torch.linalg.svd(ws, full_matrices=False)
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, white.unwhiten(root[:, None] * vh[:rank])
+    sigma, v = _top_eigh(ws.T @ ws, rank)  # eigh-in
+    root = _root(sigma)
+    return (ws @ v) / root, white.unwhiten(root[:, None] * v.T)
+
+
+def truncate_svd(weight: torch.Tensor, rank: int, route: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain SVD truncation (the data-free baseline)."""
+    return truncate(weight, rank, IDENTITY, route)
+
+
+def truncate_whitened(weight: torch.Tensor, white: Whitening, rank: int,
+                      route: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM: truncate the SVD of W S and map B back, B = sqrt(Σ_r) V_r^T S^-1.
 
-    Dropping the smallest singular values of W S is optimal for ||(W - A B) X||_F because
-    ||M X||_F = ||M S||_F when S S^T = X^T X.
+    Dropping the smallest singular values of W S is optimal for ||(W - A B) X^T||_F because
+    ||M X^T||_F = ||M S||_F when S S^T = X^T X.
     """
-    u, s, vh = torch.linalg.svd(weight.double() @ white.factor, full_matrices=False)
-    a, b_white = _split_sqrt(u, s, vh, rank)
-    return a, white.unwhiten(b_white)
+    return truncate(weight, rank, white, route)
 
 
-def truncate_scaled(weight: torch.Tensor, scales: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ASVD / FWSVD: truncate the SVD of W diag(s), then B = sqrt(Σ_r) V_r^T diag(s)^-1.
-
-    Input channels that never fire (s = 0) would make diag(s) singular; they are floored at a
-    tiny fraction of the largest scale, so they are simply the first to be dropped.
-    """
-    scales = scales.double().clamp_min(torch.finfo(torch.float64).eps * scales.max().clamp_min(1e-300))
-    u, s, vh = torch.linalg.svd(weight.double() * scales, full_matrices=False)
-    a, b_scaled = _split_sqrt(u, s, vh, rank)
-    return a, b_scaled / scales
+def truncate_scaled(weight: torch.Tensor, scales: torch.Tensor, rank: int,
+                    route: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD / FWSVD: truncate the SVD of W diag(s), then B = sqrt(Σ_r) V_r^T diag(s)^-1."""
+    return truncate(weight, rank, diagonal_whitening(scales), route)

@@ -18,8 +18,8 @@ def replace_linear(model: nn.Module, name: str, a, b) -> None:
     bias = model.get_submodule(name).bias
     install_low_rank(model, {name: a.shape[1]})
     low = model.get_submodule(name)
-    low.A.data.copy_(a)
-    low.B.data.copy_(b)
+    low.A.data.copy_(a.to(low.A.dtype))  # narrowed where the factors are (a GPU), then copied
+    low.B.data.copy_(b.to(low.B.dtype))
     if bias is not None:
         low.bias.data.copy_(bias.data)
 

@@ -1,5 +1,6 @@
 """Find, load and take apart a causal LM: decoder layers and their linears, found generically."""
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """model.dtype: auto is bfloat16 on a GPU (half the memory and traffic; Grams still sum in
+    fp32 or wider) and float32 on a CPU (which has no fast bf16 matmul to gain from)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
 def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
     try:
         return loader.from_pretrained(source.path, **source.kwargs(), **kwargs)
@@ -71,25 +80,70 @@ def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
         raise UserError(f"model.name: could not load the {what} from {source.path}: {first}") from None
 
 
+def gguf_cache(source: ModelSource, what: str) -> Path | None:
+    """Where a GGUF's model (dequantized, per dtype) or tokenizer is kept in Hugging Face format.
+
+    Reading a GGUF costs about 15 s for SmolLM2 (parsing and dequantizing, in every stage that
+    loads it); reading the same weights from safetensors takes about a second. The key holds
+    the file's size and modification time, so a changed file is converted again. The folder is
+    $SVDCORE_CACHE, else ~/.cache/svdcore.
+    """
+    if not source.gguf_file:
+        return None
+    gguf = Path(source.path) / source.gguf_file
+    stat = gguf.stat()
+    root = Path(os.environ.get("SVDCORE_CACHE") or Path.home() / ".cache" / "svdcore")
+    return root / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-{what}"
+
+
+def _cached(loader, source: ModelSource, what: str, key: str, load_original, **kwargs):
+    """`loader.from_pretrained` from the GGUF cache, filling it on a miss (best effort: an
+    unwritable cache only costs the conversion next time)."""
+    from .atomic import atomic_path
+
+    cache = gguf_cache(source, key)
+    if cache is None:
+        return load_original()
+    if (cache / "config.json").is_file() or (cache / "tokenizer_config.json").is_file():
+        return _from_pretrained(loader, ModelSource(str(cache)), what, **kwargs)
+    loaded = load_original()
+    try:
+        with atomic_path(cache, is_dir=True) as tmp:
+            loaded.save_pretrained(tmp)
+    except OSError:
+        pass
+    return loaded
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, resolve(name), "tokenizer")
+    source = resolve(name)
+    return _cached(AutoTokenizer, source, "tokenizer", "tokenizer",
+                   lambda: _from_pretrained(AutoTokenizer, source, "tokenizer"))
 
 
-def load_model(name: str, dtype: str = "float32"):
+def load_model(name: str, dtype: str | torch.dtype = "float32"):
     """The model in eval mode on the CPU; stages move one decoder layer at a time to the device."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, resolve(name), "model", dtype=getattr(torch, dtype))
-    if getattr(model, "quantization_method", None) is not None and str(model.quantization_method.value) == "gguf":
-        # GGUF tensors were dequantized into ordinary float tensors at load time; the quantizer
-        # left behind is only a marker, and it would make save_pretrained refuse the model.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.quantization_method = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    source = resolve(name)
+
+    def from_source():
+        model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype)
+        if getattr(model, "quantization_method", None) is not None and str(model.quantization_method.value) == "gguf":
+            # GGUF tensors were dequantized into ordinary float tensors at load time; the quantizer
+            # left behind is only a marker, and it would make save_pretrained refuse the model.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.quantization_method = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        return model
+
+    model = _cached(AutoModelForCausalLM, source, "model", f"model-{str(dtype).removeprefix('torch.')}",
+                    from_source, dtype=dtype)
     model.eval()
     model.config.use_cache = False
     check_finite_weights(model)
@@ -155,7 +209,8 @@ def check_seqlen(config, seqlen: int, key: str) -> None:
 def load_config(name: str):
     from transformers import AutoConfig
 
-    return _from_pretrained(AutoConfig, resolve(name), "config")
+    source = resolve(name)
+    return _cached(AutoConfig, source, "config", "config", lambda: _from_pretrained(AutoConfig, source, "config"))
 
 
 def check_finite_weights(model: nn.Module) -> None:

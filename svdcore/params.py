@@ -5,10 +5,11 @@ Each check names the key, the value and what is allowed, so a user error is one 
 from pathlib import Path
 
 from .errors import UserError
+from .decompose import ROUTES
 from .methods import METRICS, PRESETS
 
 METHODS = tuple(PRESETS)
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _int(lo=None, hi=None):
@@ -75,9 +76,9 @@ SCHEMA = {
     "device": _device,
     "model": {"name": _text, "dtype": _choice(DTYPES)},
     "calibration": {"dataset": _text, "samples": _int(1), "seqlen": _int(8), "seed": _int(0)},
-    "covariances": {"batch_size": _int(1)},
+    "covariances": {"batch_size": _int(1), "offload_activations": _flag},
     "compress": {"ratio": _ratio, "method": _choice(METHODS), "metric": _optional(_choice(METRICS), "the method's own"),
-                 "alpha": _exponent, "update": _flag},
+                 "alpha": _exponent, "update": _flag, "route": _choice(ROUTES), "rank_multiple": _int(1)},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},
     "mlflow": {"experiment": _text},

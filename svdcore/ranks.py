@@ -1,4 +1,5 @@
 """How many singular values each matrix keeps for a target compression ratio."""
+import heapq
 import math
 
 from .errors import UserError
@@ -21,6 +22,35 @@ def uniform_ranks(shapes: dict[str, list[int]], ratio: float) -> dict[str, int |
         r = rank_for_ratio(m, n, ratio)
         ranks[name] = None if ratio == 0 or keeps_dense(m, n, r) else r
     return ranks
+
+
+def round_to_multiple(shapes: dict[str, list[int]], ranks: dict[str, int | None],
+                      multiple: int) -> dict[str, int | None]:
+    """Ranks rounded down to a multiple of `multiple` (GPU matmuls on such shapes run at full
+    speed; a rank like 1638 can make the pair slower than the dense matrix), with the freed
+    parameters given back in steps of `multiple`, so the allocation spends the same budget as
+    before, short of it by less than one step.
+
+    Steps go first to the matrix that rounding cut the most, relative to its rank; a matrix
+    whose rank is below `multiple` keeps it; no rank reaches the break-even rank.
+    """
+    if multiple == 1:
+        return dict(ranks)
+    budget = parameter_count(shapes, ranks)
+    rounded = {n: None if r is None else (r // multiple * multiple or r) for n, r in ranks.items()}
+    left = budget - parameter_count(shapes, rounded)
+    # max-heap on the relative cut (raw - rounded) / raw; names break ties, so the result is fixed
+    heap = [(-(r - rounded[n]) / r, n) for n, r in ranks.items() if r is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        m, n = shapes[name]
+        grown = rounded[name] + multiple
+        if multiple * (m + n) <= left and not keeps_dense(m, n, grown):
+            rounded[name] = grown
+            left -= multiple * (m + n)
+            heapq.heappush(heap, (-(ranks[name] - grown) / ranks[name], name))
+    return rounded
 
 
 def parameter_count(shapes: dict[str, list[int]], ranks: dict[str, int | None]) -> int:

@@ -1,6 +1,5 @@
 """Tiny models built in-process: no hub, no downloads, seconds to run."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +60,19 @@ def tiny_causal_lm(arch: str, vocab_size: int = 320, seed: int = 0):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache_dir(tmp_path_factory):
+    """The suite converts the GGUF into its own cache, never the user's (~/.cache/svdcore)."""
+    path = tmp_path_factory.mktemp("svdcore-cache")
+    previous = os.environ.get("SVDCORE_CACHE")
+    os.environ["SVDCORE_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("SVDCORE_CACHE", None)
+    else:
+        os.environ["SVDCORE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with its tokenizer, usable as model.name."""
@@ -89,19 +101,13 @@ def set_params(work, **changes):
 def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
     """A fresh git + DVC repository holding the project, set up for a tiny model.
     Returns (directory, environment for subprocesses, the dvc command)."""
-    work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, work / name)
-    for name in ("stages", "svdcore", "data"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
-    dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], work, env)
-    sh(dvc + ["init", "-q"], work, env)
+    from bench.ratio_change import scratch_project
+
+    env, dvc = scratch_project(work)
     set_params(work, device="cpu", model__name=str(model_dir), calibration__samples=6,
                calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
-               evaluate__max_windows=3, compress__ratio=0.2)
+               evaluate__max_windows=3, compress__ratio=0.2,
+               compress__rank_multiple=1)  # 64-wide matrices: a step of 8 would overshoot the ratio
     return work, env, dvc
 
 

@@ -133,13 +133,16 @@ def test_truncated_compressed_model_is_named(tmp_path):
         load_compressed(tmp_path / "m")
 
 
-def test_stage_refuses_ranks_made_for_another_ratio(tmp_path, monkeypatch):
+def test_stage_refuses_ranks_made_for_another_ratio_or_multiple(tmp_path, monkeypatch):
     from stages import truncate_and_update
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts/ranks.json").write_text(json.dumps({"ratio": 0.5, "ranks": {}, "shapes": {}}))
     with pytest.raises(UserError, match=r"allocated for compress.ratio 0.5, params.yaml says 0.2; rerun allocate-ranks"):
+        truncate_and_update.work(DEFAULTS)
+    (tmp_path / "artifacts/ranks.json").write_text(json.dumps({"ratio": 0.2, "rank_multiple": 64, "ranks": {}}))
+    with pytest.raises(UserError, match=r"allocated for compress.rank_multiple 64, params.yaml says 8; rerun"):
         truncate_and_update.work(DEFAULTS)
 
 

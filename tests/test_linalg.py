@@ -111,3 +111,76 @@ def test_batched_gram_equals_one_shot_product():
     expected = x.float().double().T @ x.float().double()
     assert acc.tokens == 300
     torch.testing.assert_close(acc.gram, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def gram_with_spectrum(n, eigenvalues, seed):
+    """Q diag(λ) Q^T with a random orthogonal Q: any conditioning, singular included."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * eigenvalues) @ q.T
+
+
+def whitened_loss(weight, a, b, gram):
+    d = weight - a @ b
+    return float(((d @ gram) * d).sum())
+
+
+SPECTRA = {
+    "random": lambda n: torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.1,
+    "ill-conditioned": lambda n: torch.logspace(0, -12, n, dtype=torch.float64),
+    "singular": lambda n: torch.cat([torch.logspace(0, -6, n // 2, dtype=torch.float64),
+                                     torch.zeros(n - n // 2, dtype=torch.float64)]),
+}
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("rank", [1, 6, 11])
+def test_every_route_loses_the_same(m, n, spectrum, rank):
+    """svd, eigh-out (on G itself and on W S) and eigh-in reach the same optimum: the whitened
+    loss is the sum of the dropped σ_i^2(W S), to 1e-9 relative in float64."""
+    from svdcore.decompose import choose_route, truncate
+
+    weight, _ = random_problem(m, n, 1, seed=rank)
+    gram = gram_with_spectrum(n, SPECTRA[spectrum](n), seed=m + n)
+    white = eigen_whitening(gram) if spectrum == "singular" else whitening(gram)
+    assert white.route == ("eigen" if spectrum == "singular" else "cholesky")
+    dropped = float((torch.linalg.svdvals(white.apply(weight))[rank:] ** 2).sum())
+    losses = {route: whitened_loss(weight, *truncate(weight, rank, white, route), gram)
+              for route in ("svd", "eigh-out", "eigh-in")}
+    losses["eigh-out on G"] = whitened_loss(weight, *truncate(weight, rank, None, "eigh-out", gram=gram), gram)
+    for route, loss in losses.items():
+        assert loss == pytest.approx(dropped, rel=1e-9), route
+    assert choose_route("auto", m, n) == ("eigh-out" if m <= n else "eigh-in")
+
+
+@pytest.mark.parametrize("multiple", [8, 64])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4])
+def test_ranks_rounded_to_a_multiple_spend_the_same_budget(multiple, ratio):
+    from svdcore.ranks import round_to_multiple
+
+    shapes = {f"l{i}.{name}": shape for i in range(4) for name, shape in
+              {"q": [4096, 4096], "k": [1024, 4096], "gate": [11008, 4096], "down": [4096, 11008],
+               "tiny": [48, 40]}.items()}
+    raw = uniform_ranks(shapes, ratio)
+    rounded = round_to_multiple(shapes, raw, multiple)
+    spent, budget = parameter_count(shapes, rounded), parameter_count(shapes, raw)
+    assert spent <= budget
+    for name, rank in rounded.items():
+        m, n = shapes[name]
+        assert not keeps_dense(m, n, rank)
+        # what is left buys no further step for any matrix that may still grow
+        assert multiple * (m + n) > budget - spent or keeps_dense(m, n, rank + multiple)
+        assert rank % multiple == 0 or rank == raw[name] < multiple  # "tiny" keeps its small rank
+    assert round_to_multiple(shapes, raw, 1) == raw
+    assert round_to_multiple(shapes, raw, multiple) == rounded  # deterministic
+
+
+def test_bf16_inputs_are_summed_in_fp32_without_loss_beyond_the_summation_order():
+    from svdcore.gram import batch_gram
+
+    x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    exact = x.double().T @ x.double()  # bf16 products are exact in fp32 and fp64 alike
+    gram = batch_gram(x)
+    assert gram.dtype == torch.float32
+    assert torch.linalg.norm(gram.double() - exact) / torch.linalg.norm(exact) < 1e-6

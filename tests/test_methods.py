@@ -103,16 +103,33 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
         compress_model(tiny_llama(), ranks, Recipe("whitening", update=True), stats, CPU)
 
 
+ROUTES_TAKEN = {  # tiny Llama: gate/up are the only matrices with more outputs than inputs
+    ("auto", "plain"): {"eigh-out", "eigh-in"},
+    ("auto", "activation"): {"eigh-out/activation", "eigh-in/activation"},
+    ("auto", "whitening"): {"eigh-out", "eigh-in/cholesky"},
+    ("auto", "eigen-whitening"): {"eigh-out", "eigh-in/eigen"},
+    ("svd", "plain"): {"svd"},
+    ("svd", "activation"): {"svd/activation"},
+    ("svd", "whitening"): {"svd/cholesky"},
+    ("svd", "eigen-whitening"): {"svd/eigen"},
+}
+
+
 @pytest.mark.parametrize("metric", METRICS)
-def test_every_metric_compresses_the_tiny_model(metric, tmp_path):
-    model = tiny_llama()
+def test_every_metric_compresses_the_tiny_model_alike_on_every_route(metric, tmp_path):
     windows = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
-    stats = stats_dir(model, windows, tmp_path)
-    report = compress_model(model, uniform_ranks(linear_shapes(model), 0.3), Recipe(metric), stats, CPU)
-    expected = {"plain": {"none"}, "activation": {"activation"}, "whitening": {"cholesky"},
-                "eigen-whitening": {"eigen"}}[metric]
-    assert set(report["route_counts"]) == expected and sum(report["route_counts"].values()) == 14
-    assert final_hidden_error(model, tiny_llama(), windows) > 0
+    stats = stats_dir(tiny_llama(), windows, tmp_path)
+    ranks = uniform_ranks(linear_shapes(tiny_llama()), 0.3)
+    products = {}
+    for route in ("auto", "svd"):
+        model = tiny_llama()
+        report = compress_model(model, ranks, Recipe(metric), stats, CPU, route=route)
+        assert set(report["route_counts"]) == ROUTES_TAKEN[route, metric]
+        assert sum(report["route_counts"].values()) == 14
+        assert final_hidden_error(model, tiny_llama(), windows) > 0
+        products[route] = {n: m.A @ m.B for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for name, product in products["svd"].items():  # the same truncation, reached another way
+        torch.testing.assert_close(products["auto"][name], product, rtol=1e-4, atol=1e-5)
 
 
 def test_presets_and_knobs():
@@ -123,3 +140,23 @@ def test_presets_and_knobs():
         recipe("svdd")
     with pytest.raises(UserError, match="compress.metric: expected one of plain, activation, whitening"):
         recipe("svd", "fisher-ish")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_one_pass_compression_equals_statistics_then_truncation(tmp_path, offload):
+    """stats_dir None: Grams gathered and each layer truncated in the same streamed pass; the
+    result is the two-stage pipeline's (Grams to disk in float32, then truncation)."""
+    windows = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = stats_dir(tiny_llama(), windows, tmp_path)
+    ranks = uniform_ranks(linear_shapes(tiny_llama()), 0.3)
+    two_stage, one_pass = tiny_llama(), tiny_llama()
+    compress_model(two_stage, ranks, "svd-llm", stats, CPU)
+    report = compress_model(one_pass, ranks, "svd-llm", None, CPU, windows, batch_size=3, offload=offload)
+    assert sum(report["route_counts"].values()) == 14
+    lows = {n: m for n, m in one_pass.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(lows) == 14
+    for name, low in lows.items():
+        torch.testing.assert_close(low.A @ low.B, two_stage.get_submodule(name).A @ two_stage.get_submodule(name).B,
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="compress: the whitening metric needs the statistics directory"):
+        compress_model(tiny_llama(), ranks, "svd-llm", None, CPU)

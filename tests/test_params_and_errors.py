@@ -47,12 +47,15 @@ def test_shipped_params_are_valid():
     ("compress.alpha", 0, r"compress.alpha: expected a number in \(0, 1\] \(the exponent of mean \|x\|\), got 0"),
     ("compress.alpha", 1.5, r"compress.alpha: expected a number in \(0, 1\]"),
     ("compress.update", "yes", r"compress.update: expected true or false, got 'yes'"),
+    ("compress.route", "qr", r"compress.route: expected one of auto, svd, eigh-out, eigh-in, got 'qr'"),
+    ("compress.rank_multiple", 0, r"compress.rank_multiple: expected an integer >= 1, got 0"),
+    ("covariances.offload_activations", 1, r"covariances.offload_activations: expected true or false, got 1"),
     ("calibration.samples", 0, r"calibration.samples: expected an integer >= 1, got 0"),
     ("calibration.seqlen", 12.5, r"calibration.seqlen: expected an integer, got 12.5"),
     ("calibration.seed", KeyError, r"calibration.seed: missing from params.yaml"),
     ("device", "tpu", r"device: expected auto, cpu, cuda or cuda:N"),
     ("evaluate.datasets", [], r"evaluate.datasets: expected a non-empty list"),
-    ("model.dtype", "float8", r"model.dtype: expected one of float32, bfloat16, float16"),
+    ("model.dtype", "float8", r"model.dtype: expected one of auto, float32, bfloat16, float16"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(path, value, message):
     with pytest.raises(UserError, match=message):

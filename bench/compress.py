@@ -1,0 +1,112 @@
+"""Time a whole SVD-LLM whitening compression, phase by phase, and its peak memory.
+
+    python -m bench.compress --shape 7b --device cuda --samples 256 --seqlen 2048
+    python -m bench.compress --model smollm2-135m --device cpu --samples 32 --seqlen 512
+
+--shape builds a random-weight Llama of that shape in CPU memory (bench/shapes.py); --model
+loads a real one (the default pipeline's SmolLM2 on a CPU). The layers stream through the
+device one at a time, as in the pipeline. --mode pipeline is what `dvc repro` does: Grams to a
+statistics directory (float32 safetensors), then truncation from it; --mode fused gathers each
+layer's Grams and truncates it while it is on the device, writing nothing.
+Prints a table and writes --json; nothing here is asserted.
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+
+from bench.common import device_name, peak_memory, table, write_json
+from bench.shapes import random_llama, random_windows
+from svdcore import streaming
+from svdcore.compress import compress_model
+from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.decompose import ROUTES
+from svdcore.model import resolve_device, resolve_dtype
+from svdcore.ranks import parameter_count, round_to_multiple, uniform_ranks
+from svdcore.timing import Sections
+
+
+def build(args, device):
+    dtype = resolve_dtype(args.dtype, device)
+    start = time.perf_counter()
+    if args.model:
+        from svdcore.model import load_model
+
+        model = load_model(args.model, dtype)
+        label = args.model
+    else:
+        model = random_llama(args.shape, dtype, "cpu", seed=0)
+        label = f"{args.shape} (random weights)"
+    return model, label, dtype, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2")
+    parser.add_argument("--model", help="a real model instead of --shape (as model.name in params.yaml)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--rank-multiple", type=int, default=1)
+    parser.add_argument("--route", default="auto", choices=ROUTES)
+    parser.add_argument("--mode", default="pipeline", choices=("pipeline", "fused"))
+    parser.add_argument("--offload", action="store_true", help="calibration activations in pinned CPU memory")
+    parser.add_argument("--serial", action="store_true", help="no overlap of moves and decompositions (GPU)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    streaming.OVERLAP = not args.serial
+    model, label, dtype, build_s = build(args, device)
+    windows = random_windows(model.config.vocab_size, args.samples, args.seqlen)
+    shapes = linear_shapes(model)
+    ranks = round_to_multiple(shapes, uniform_ranks(shapes, args.ratio), args.rank_multiple)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    sections = Sections()
+    with tempfile.TemporaryDirectory(prefix="svdcore-bench-") as stats_dir, sections.active():
+        start = time.perf_counter()
+        if args.mode == "pipeline":
+            collect_grams(model, windows, args.batch_size, device, lambda i, s: lambda: save_layer(stats_dir, i, s),
+                          offload=args.offload)
+            statistics_s = time.perf_counter() - start
+            report = compress_model(model, ranks, "svd-llm", stats_dir, device, route=args.route)
+        else:
+            report = compress_model(model, ranks, "svd-llm", None, device, windows, args.batch_size,
+                                    route=args.route, offload=args.offload)
+            statistics_s = None
+        total_s = time.perf_counter() - start
+
+    phases = dict(sorted(sections.seconds.items()))
+    if device.type != "cuda":  # serial: the rest is Python and bookkeeping
+        phases["other"] = total_s - sum(phases.values())
+    dense = parameter_count(shapes, {n: None for n in shapes})
+    result = {
+        "model": label, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "mode": args.mode, "route": args.route, "offload": args.offload, "overlap": streaming.OVERLAP and device.type == "cuda",
+        "calibration": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
+        "ratio": args.ratio, "rank_multiple": args.rank_multiple,
+        "achieved_ratio": round(1 - parameter_count(shapes, ranks) / dense, 5),
+        "layers": model.config.num_hidden_layers, "build_s": round(build_s, 2),
+        "statistics_s": None if statistics_s is None else round(statistics_s, 2),
+        "total_s": round(total_s, 2), "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "route_counts": report["route_counts"], **peak_memory(device),
+    }
+    print(f"\n{label}, {result['device']}, {result['dtype']}, {args.samples} x {args.seqlen} tokens, "
+          f"ratio {args.ratio} (rank multiple {args.rank_multiple}), mode {args.mode}, route {args.route}")
+    if result["overlap"]:
+        print("(phases are busy times per thread: on a GPU moves, forward+grams and decompositions overlap)")
+    print(table([{"phase": k, "seconds": v} for k, v in phases.items()] + [{"phase": "**total**", "seconds": total_s}],
+                ["phase", "seconds"]))
+    print(f"peak memory: {peak_memory(device)}")
+    write_json(args.json, __spec__.name if __spec__ else __name__, argv, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The bench scripts run end to end on tiny shapes (their figures are printed, never asserted)."""
+import torch
+
+from bench import compress, infer, ratio_change
+
+
+def test_compress_bench_runs_both_modes_and_reports_every_phase(tmp_path):
+    for mode in ("pipeline", "fused"):
+        result = compress.main(["--shape", "tiny", "--device", "cpu", "--samples", "4", "--seqlen", "32",
+                                "--mode", mode, "--rank-multiple", "8", "--json", str(tmp_path / f"{mode}.json")])
+        assert result["dtype"] == "float32" and result["device"].endswith("threads")
+        assert {"forward+grams", "decompose", "layer moves"} <= set(result["phases_s"])
+        assert ("save stats" in result["phases_s"]) == (mode == "pipeline")
+        assert abs(result["achieved_ratio"] - 0.2) < 0.05 and sum(result["route_counts"].values()) == 14
+        assert (tmp_path / f"{mode}.json").read_text().startswith('{\n  "command": "python -m bench.compress --shape tiny')
+
+
+def test_auto_device_is_the_cpu_here_and_gives_the_same_figures_of_work():
+    if torch.cuda.is_available():
+        return  # the point is a machine without a GPU
+    auto = compress.main(["--shape", "tiny", "--device", "auto", "--samples", "4", "--seqlen", "32"])
+    cpu = compress.main(["--shape", "tiny", "--device", "cpu", "--samples", "4", "--seqlen", "32"])
+    assert auto["device"] == cpu["device"] and auto["route_counts"] == cpu["route_counts"]
+
+
+def test_infer_bench_compares_dense_with_every_ratio_and_multiple():
+    result = infer.main(["--shape", "tiny", "--device", "cpu", "--ratios", "0.2,0.4", "--rank-multiples", "1,8",
+                         "--prefill-batch", "2", "--prefill-len", "32", "--prompt", "8", "--steps", "4",
+                         "--repeats", "1"])
+    rows = result["rows"]
+    assert [r["model"] for r in rows] == ["dense", "0.2, ranks x1", "0.2, ranks x8", "0.4, ranks x1", "0.4, ranks x8"]
+    assert rows[0]["prefill_x"] == 1 and all(r["prefill_tok_s"] > 0 and r["decode_b16_tok_s"] > 0 for r in rows)
+    assert rows[0]["weights_mib"] > rows[1]["weights_mib"] > rows[3]["weights_mib"]
+    assert result["decode"] == ["eager"]
+
+
+def test_ratio_change_bench_reruns_only_what_the_ratio_feeds(tiny_model_dir):
+    result = ratio_change.main(["--target", "truncate-and-update", "--set", f"model.name={tiny_model_dir}",
+                                "--set", "calibration.samples=4", "--set", "calibration.seqlen=32"])
+    assert set(result["first_s"]) == {"dvc repro", "collect-calibration", "compute-covariances", "allocate-ranks",
+                                      "truncate-and-update"}
+    assert set(result["after_ratio_change_s"]) == {"dvc repro", "allocate-ranks", "truncate-and-update"}
+    assert 0 < result["share"] < 1
