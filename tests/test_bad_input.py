@@ -142,7 +142,7 @@ def test_stage_refuses_ranks_made_for_another_ratio_or_multiple(tmp_path, monkey
     with pytest.raises(UserError, match=r"allocated for compress.ratio 0.5, params.yaml says 0.2; rerun allocate-ranks"):
         truncate_and_update.work(DEFAULTS)
     (tmp_path / "artifacts/ranks.json").write_text(json.dumps({"ratio": 0.2, "rank_multiple": 64, "ranks": {}}))
-    with pytest.raises(UserError, match=r"allocated for compress.rank_multiple 64, params.yaml says 8; rerun"):
+    with pytest.raises(UserError, match=r"allocated for compress.rank_multiple 64, params.yaml says 1; rerun"):
         truncate_and_update.work(DEFAULTS)
 
 
