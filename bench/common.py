@@ -1,10 +1,20 @@
 """What every benchmark prints and records: the device, peak memory, a table, a JSON file."""
+import argparse
 import json
 import platform
 import resource
 import sys
 
 import torch
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: which model shape, on which device, in which dtype."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="smollm2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    return p
 
 
 def device_name(device: torch.device) -> str:

@@ -10,13 +10,12 @@ statistics directory (float32 safetensors), then truncation from it; --mode fuse
 layer's Grams and truncates it while it is on the device, writing nothing.
 Prints a table and writes --json; nothing here is asserted.
 """
-import argparse
 import tempfile
 import time
 
 import torch
 
-from bench.common import device_name, peak_memory, table, write_json
+from bench.common import device_name, parser as bench_parser, peak_memory, table, write_json
 from bench.shapes import random_llama, random_windows
 from svdcore import streaming
 from svdcore.compress import compress_model
@@ -42,11 +41,8 @@ def build(args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smollm2")
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", help="a real model instead of --shape (as model.name in params.yaml)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)

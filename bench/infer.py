@@ -10,12 +10,11 @@ replayed CUDA graph (eager decode measures Python and kernel launches, not the m
 eager as the fallback, named in the output. Weights' values do not change the speed, so the
 low-rank factors are random too. Prints a table and writes --json; nothing here is asserted.
 """
-import argparse
 import time
 
 import torch
 
-from bench.common import device_name, peak_memory, table, write_json
+from bench.common import device_name, parser as bench_parser, peak_memory, table, write_json
 from bench.shapes import random_llama
 from svdcore.covariances import linear_shapes
 from svdcore.model import resolve_device, resolve_dtype, weight_bytes
@@ -101,10 +100,7 @@ def decode_tokens_per_s(model, device, batch, prompt, steps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smollm2")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser = bench_parser(__doc__)
     parser.add_argument("--ratios", default="0.2,0.4")
     parser.add_argument("--rank-multiples", default="1,64")
     parser.add_argument("--prefill-batch", type=int, default=8)

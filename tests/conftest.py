@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,11 +90,9 @@ def sh(args, cwd, env):
 
 def set_params(work, **changes):
     """Edit params.yaml in `work`: set_params(work, compress__ratio=0.4, device="cpu")."""
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for path, value in changes.items():
-        section, key = path.split("__") if "__" in path else (None, path)
-        (params[section] if section else params)[key] = value
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from bench.ratio_change import set_params as set_dotted
+
+    set_dotted(work, {path.replace("__", "."): value for path, value in changes.items()})
 
 
 def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
