@@ -24,8 +24,8 @@ import yaml
 from bench.common import table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("collect-calibration", "compute-covariances", "allocate-ranks", "truncate-and-update",
-          "evaluate-dense", "evaluate")
+STAGES = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
+          "truncate-and-update", "evaluate-dense", "evaluate")
 
 
 def run(args, cwd, env):
@@ -43,6 +43,9 @@ def scratch_project(work: Path) -> tuple[dict, list[str]]:
         shutil.copy(ROOT / name, work / name)
     for name in ("stages", "svdcore", "data"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "sweep").mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / "sweep" / name, work / "sweep" / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
     dvc = [sys.executable, "-m", "dvc"]

@@ -1,20 +1,30 @@
-"""allocate-ranks: compress.ratio -> a rank per decoder linear (uniform, then rounded to compress.rank_multiple)."""
+"""allocate-ranks: compress.ratio -> a rank per decoder linear, by the method's allocation
+strategy (uniform, v2 from the whitened spectra, last-k), rounded to compress.rank_multiple."""
 from svdcore.atomic import read_json, write_json
-from svdcore.ranks import parameter_count, round_to_multiple, uniform_ranks
+from svdcore.methods import recipe_from_params
+from svdcore.ranks import allocate, parameter_count
+from svdcore.spectra import load_spectra
 from stages.common import run
 
 OUT = "artifacts/ranks.json"
 
 
-def work(params):
-    ratio, multiple = params["compress"]["ratio"], params["compress"]["rank_multiple"]
-    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
-    ranks = round_to_multiple(shapes, uniform_ranks(shapes, ratio), multiple)
+def allocation_record(shapes: dict, ranks: dict, decided: dict, compress: dict, strategy: str) -> dict:
     dense = parameter_count(shapes, {n: None for n in shapes})
     kept = parameter_count(shapes, ranks)
-    write_json(OUT, {"ratio": ratio, "strategy": "uniform", "rank_multiple": multiple, "shapes": shapes, "ranks": ranks,
-                     "linear_params_dense": dense, "linear_params_compressed": kept,
-                     "linear_ratio": 1 - kept / dense})
+    return {"ratio": compress["ratio"], "strategy": strategy, **decided, "rank_multiple": compress["rank_multiple"],
+            "shapes": shapes, "ranks": ranks, "linear_params_dense": dense, "linear_params_compressed": kept,
+            "linear_ratio": 1 - kept / dense}
+
+
+def work(params):
+    compress = params["compress"]
+    recipe = recipe_from_params(compress)
+    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
+    spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
+    ranks, decided = allocate(shapes, compress["ratio"], recipe.allocation, spectra, recipe.last_layers,
+                              compress["rank_multiple"])
+    write_json(OUT, allocation_record(shapes, ranks, decided, compress, recipe.allocation))
     return {}
 
 

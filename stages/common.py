@@ -37,14 +37,16 @@ def peak_memory() -> dict:
     return figures
 
 
-def run(name: str, work) -> None:
+def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
     """Call work(params) -> dict of runtime figures; write them with the stage's wall time and
-    peak memory to metrics/stages/<name>.json. A UserError exits 2 with one line, no traceback."""
+    peak memory to <timings_dir>/<name>.json (None: the work records its own). A UserError exits
+    2 with one line, no traceback."""
     try:
         params = params_module.load()
         figures = work(params) or {}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    figures.update(wall_s=round(time.perf_counter() - STARTED, 2), **peak_memory())
-    write_json(STAGE_METRICS / f"{name}.json", figures)
+    if timings_dir is not None:
+        figures.update(wall_s=round(time.perf_counter() - STARTED, 2), **peak_memory())
+        write_json(Path(timings_dir) / f"{name}.json", figures)

@@ -11,7 +11,8 @@ from stages.common import STAGE_METRICS, STARTED, peak_memory, run
 from stages.truncate_and_update import MODEL_DIR, REPORT
 
 OUT = "metrics/evaluate.json"
-UPSTREAM = ("collect-calibration", "compute-covariances", "allocate-ranks", "truncate-and-update", "evaluate-dense")
+UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
+            "truncate-and-update", "evaluate-dense")
 
 
 def work(params):

@@ -3,6 +3,7 @@ from svdcore.atomic import atomic_path, read_json, write_json
 from svdcore.compress import compress_model
 from svdcore.covariances import linear_shapes
 from svdcore.errors import UserError
+from svdcore.fisher import load_fisher
 from svdcore.lowrank import save_compressed
 from svdcore.methods import recipe_from_params
 from svdcore.model import load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -12,6 +13,7 @@ from stages.io import load_calibration
 
 MODEL_DIR = "models/compressed"
 REPORT = "metrics/compress.json"
+FISHER = "artifacts/fisher.safetensors"
 
 
 def work(params):
@@ -19,10 +21,11 @@ def work(params):
     compress = params["compress"]
     recipe = recipe_from_params(compress)
     allocation = read_json("artifacts/ranks.json", "ranks")  # checked before the slow model load
-    for key in ("ratio", "rank_multiple"):
-        if allocation.get(key) != compress[key]:
-            raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.{key} {allocation.get(key)!r}, "
-                            f"params.yaml says {compress[key]!r}; rerun allocate-ranks")
+    for key, param, wanted in (("ratio", "ratio", compress["ratio"]), ("rank_multiple", "rank_multiple", compress["rank_multiple"]),
+                               ("strategy", "allocation", recipe.allocation)):
+        if allocation.get(key) != wanted:
+            raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.{param} {allocation.get(key)!r}, "
+                            f"params.yaml says {wanted!r}; rerun allocate-ranks")
     check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
     model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     tokenizer = load_tokenizer(params["model"]["name"])
@@ -30,9 +33,10 @@ def work(params):
         raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
                         "rerun compute-covariances and allocate-ranks")
     windows = load_calibration() if recipe.update else None
+    fisher = load_fisher(FISHER, model) if recipe.needs_fisher else None
     cov = params["covariances"]
     report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device, windows, cov["batch_size"],
-                            route=compress["route"], offload=cov["offload_activations"])
+                            route=compress["route"], offload=cov["offload_activations"], fisher=fisher)
     with atomic_path(MODEL_DIR, is_dir=True) as tmp:
         save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
                                                       **recipe.describe()})

@@ -8,7 +8,7 @@ from .covariances import LayerStats, gram_hooks, load_layer
 from .decompose import IDENTITY, choose_route, diagonal_whitening, eigen_whitening, truncate, whitening
 from .errors import UserError
 from .lowrank import replace_linear
-from .methods import Recipe, recipe as preset
+from .methods import Recipe, recipe as preset, split_rank
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
 from .progress import progress as tqdm
 from .streaming import run_layers
@@ -17,28 +17,45 @@ from .timing import section
 RIDGE = 1e-6  # closed-form update: ridge relative to mean(diag(Z Z^T)), for rank-deficient inputs
 
 
-def _factorize(weight, rank: int, recipe: Recipe, stats: LayerStats | None, group: str | None, cache: dict,
-               route: str):
-    """(A, B, route taken) for one matrix; `cache` keeps one device Gram and one whitening per
-    shared input."""
-    route = choose_route(route, *weight.shape)
-    if recipe.metric == "plain":
-        return (*truncate(weight, rank, IDENTITY, route), route)
-    if recipe.metric == "activation":
-        scales = stats.abs_means[group].to(weight.device) ** recipe.alpha
-        return (*truncate(weight, rank, diagonal_whitening(scales), route), f"{route}/activation")
+def _metric(metric: str, weight, name: str, group: str | None, stats: LayerStats | None, fisher: dict | None,
+            recipe: Recipe, cache: dict, route: str):
+    """(S or None, G or None, route label) for `truncate` under one metric; `cache` keeps one
+    device Gram and one whitening per shared input."""
+    if metric == "plain":
+        return IDENTITY, None, route
+    if metric == "activation":
+        return diagonal_whitening(stats.abs_means[group].to(weight.device) ** recipe.alpha), None, f"{route}/activation"
+    if metric == "fisher":
+        return diagonal_whitening(fisher[name].to(weight.device)), None, f"{route}/fisher"
     if ("gram", group) not in cache:
         cache["gram", group] = stats.grams[group].to(weight.device, torch.float64)
     gram = cache["gram", group]
     if route == "eigh-out":  # W G W^T needs no factor of G: exact for both whitening metrics
-        return (*truncate(weight, rank, None, route, gram=gram), route)
-    if group not in cache:
-        cache[group] = whitening(gram) if recipe.metric == "whitening" else eigen_whitening(gram)
-    white = cache[group]
-    return (*truncate(weight, rank, white, route), f"{route}/{white.route}")
+        return None, gram, route
+    if (metric, group) not in cache:
+        cache[metric, group] = whitening(gram) if metric == "whitening" else eigen_whitening(gram)
+    white = cache[metric, group]
+    return white, None, f"{route}/{white.route}"
 
 
-def _compress_layer(model, name_of, index, layer, todo, recipe, route, stats, device, routes, gram_routes, bar):
+def _factorize(weight, rank: int, recipe: Recipe, name: str, group: str | None, stats: LayerStats | None,
+               fisher: dict | None, cache: dict, route: str):
+    """(A, B, route taken) for one matrix. With a residual stage (ResSVD) the first stage keeps
+    part of the rank under its own metric and the residual W - A1 B1 gets the rest; the factors
+    are stacked, [A1 A2] [B1; B2], at the cost of one rank-r pair."""
+    route = choose_route(route, *weight.shape)
+    first_rank, second_rank = split_rank(rank, recipe.residual_fraction)
+    if not second_rank:
+        white, gram, label = _metric(recipe.metric, weight, name, group, stats, fisher, recipe, cache, route)
+        return (*truncate(weight, rank, white, route, gram=gram), label)
+    white, gram, first_label = _metric(recipe.residual_metric, weight, name, group, stats, fisher, recipe, cache, route)
+    a1, b1 = truncate(weight, first_rank, white, route, gram=gram)
+    white, gram, label = _metric(recipe.metric, weight, name, group, stats, fisher, recipe, cache, route)
+    a2, b2 = truncate(weight - a1 @ b1, second_rank, white, route, gram=gram)
+    return torch.cat([a1, a2], 1), torch.cat([b1, b2], 0), f"{first_label}+{label}"
+
+
+def _compress_layer(model, name_of, index, layer, todo, recipe, route, stats, fisher, device, routes, gram_routes, bar):
     """Factorize the allocated linears of one layer in place; return their original weights.
     `stats` is the layer's LayerStats, or a function that loads them (called only if needed)."""
     chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
@@ -62,7 +79,7 @@ def _compress_layer(model, name_of, index, layer, todo, recipe, route, stats, de
                 raise UserError(f"statistics: the Gram for {name} is {tuple(stats.grams[group].shape)}, but the "
                                 f"matrix has {weight.shape[1]} inputs; rerun compute-covariances")
         with section("decompose"):
-            a, b, routes[name] = _factorize(weight, todo[name], recipe, stats, group, cache, route)
+            a, b, routes[name] = _factorize(weight, todo[name], recipe, name, group, stats, fisher, cache, route)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "
                             f"(route {routes[name]})")
@@ -70,7 +87,7 @@ def _compress_layer(model, name_of, index, layer, todo, recipe, route, stats, de
             replace_linear(model, name, a, b)
         originals[local] = weight
         bar.update()
-    gram_routes.update({name_of(key): white.route for key, white in cache.items() if isinstance(key, str)})
+    gram_routes.update({f"{name_of(key[1])}:{key[0]}": white.route for key, white in cache.items() if key[0] != "gram"})
     return originals
 
 
@@ -101,17 +118,19 @@ def refit_a(low, weight: torch.Tensor, gram: torch.Tensor) -> tuple[float, float
 
 def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, stats_dir, device: torch.device,
                    windows: torch.Tensor | None = None, batch_size: int = 4, route: str = "auto",
-                   offload: bool = False) -> dict:
+                   offload: bool = False, fisher: dict | None = None) -> dict:
     """Replace linears in place. `method` is a preset name or a Recipe; `route` picks the
     decomposition (decompose.ROUTES). The statistics come from `stats_dir` (compute-covariances'
     output); with `stats_dir` None and calibration `windows` given, they are gathered in the same
     streamed pass instead, each layer truncated on the device as soon as its Grams are complete
     (one pass, nothing written: what a one-off compression on a GPU wants). The update always
-    needs `windows`. Returns a report: the route of every matrix (decomposition/whitening), how
+    needs `windows`; the fisher metric needs `fisher` (svdcore.fisher). Returns a report: the route of every matrix (decomposition/whitening), how
     many distinct Grams needed each whitening route, and what the update gained."""
     recipe = method if isinstance(method, Recipe) else preset(method)
     if recipe.update and windows is None:
         raise UserError("compress.update: the closed-form update needs the calibration windows")
+    if recipe.needs_fisher and fisher is None:
+        raise UserError("compress: the fisher metric needs the Fisher scales (compute-fisher)")
     fused = recipe.needs_stats and stats_dir is None
     if fused and (windows is None or recipe.update):
         raise UserError(f"compress: the {recipe.metric} metric needs the statistics directory"
@@ -130,14 +149,16 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                     return load_layer(stats_dir, index)
 
             name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
-            return _compress_layer(model, name_of, index, layer, todo, recipe, route, stats or load, device,
-                                   routes, gram_routes, bar)
+            return _compress_layer(model, name_of, index, layer, todo, recipe, route, stats or load, fisher,
+                                   device, routes, gram_routes, bar)
 
         if fused:
             def visit(index, layer):
-                # deferred: on a GPU the decompositions overlap the next layer's forward pass
-                return gram_hooks(index, layer, layer_linears(layer),
-                                  lambda i, stats: lambda: compress_layer(i, layer, stats))
+                # Not deferred to run_layers' worker: on an H100 the float64 eigh and the next
+                # layer's bf16 GEMMs took the sum of their times side by side (1.21 s against
+                # 0.21 + 1.01 s alone: bench/results/h100-kernels.json), so overlapping them buys
+                # nothing and would hold a second layer's memory.
+                return gram_hooks(index, layer, layer_linears(layer), lambda i, stats: compress_layer(i, layer, stats))
 
             run_layers(model, windows, batch_size, device, visit, desc="statistics+compress", offload=offload)
         elif not recipe.update:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .gram import GramAccumulator
-from .model import decoder_layers, layer_linears, layer_prefix
+from .model import layer_linears, named_linears
 from .modeling_svdcore import linear_shape
 from .streaming import run_layers
 from .timing import section
@@ -144,7 +144,4 @@ def load_layer(stats_dir, index: int) -> LayerStats:
 
 def linear_shapes(model) -> dict[str, list[int]]:
     """Every decoder linear by its full module name -> [out_features, in_features]."""
-    layers = decoder_layers(model)
-    prefix = layer_prefix(model, layers)
-    return {f"{prefix}.{i}.{name}": list(linear_shape(m))
-            for i, layer in enumerate(layers) for name, m in layer_linears(layer).items()}
+    return {name: list(linear_shape(m)) for name, m in named_linears(model).items()}

@@ -191,6 +191,13 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in layer.named_modules() if is_linear(m)}
 
 
+def named_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every decoder linear by its full module name (prefix.layer.local), in layer order."""
+    layers = decoder_layers(model)
+    prefix = layer_prefix(model, layers)
+    return {f"{prefix}.{i}.{name}": m for i, layer in enumerate(layers) for name, m in layer_linears(layer).items()}
+
+
 def context_length(config) -> int | None:
     """The longest sequence the model's positions support, if its config says."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .decompose import ROUTES
-from .methods import METRICS, PRESETS
+from .methods import ALLOCATIONS, METRICS, PRESETS
 
 METHODS = tuple(PRESETS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -20,6 +20,11 @@ def _int(lo=None, hi=None):
             bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise UserError(f"{key}: expected an integer {bounds}, got {v!r}")
     return check
+
+
+def _share(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1):
+        raise UserError(f"{key}: expected a number in [0, 1) (the share of each rank given to the first stage), got {v!r}")
 
 
 def _ratio(key, v):
@@ -65,9 +70,18 @@ def _device(key, v):
         raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N, got {v!r}")
 
 
+def _ratio_list(key, v):
+    if not isinstance(v, list) or not v:
+        raise UserError(f"{key}: expected a non-empty list of ratios, got {v!r}")
+    for item in v:
+        _ratio(key, item)
+        if item == 0:
+            raise UserError(f"{key}: 0 is the dense model, already in the report; expected ratios in (0, 1)")
+
+
 def _text_list(key, v):
     if not isinstance(v, list) or not v:
-        raise UserError(f"{key}: expected a non-empty list of dataset names, got {v!r}")
+        raise UserError(f"{key}: expected a non-empty list of names, got {v!r}")
     for item in v:
         _text(key, item)
 
@@ -78,7 +92,12 @@ SCHEMA = {
     "calibration": {"dataset": _text, "samples": _int(1), "seqlen": _int(8), "seed": _int(0)},
     "covariances": {"batch_size": _int(1), "offload_activations": _flag},
     "compress": {"ratio": _ratio, "method": _choice(METHODS), "metric": _optional(_choice(METRICS), "the method's own"),
-                 "alpha": _exponent, "update": _flag, "route": _choice(ROUTES), "rank_multiple": _int(1)},
+                 "alpha": _exponent, "update": _flag,
+                 "allocation": _optional(_choice(ALLOCATIONS), "the method's own"),
+                 "residual_fraction": _optional(_share, "the method's own"),
+                 "residual_metric": _optional(_choice(METRICS), "the method's own"),
+                 "last_layers": _optional(_int(1), "the rule of svdcore.methods.last_layers_rule"),
+                 "route": _choice(ROUTES), "rank_multiple": _int(1)},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},
     "mlflow": {"experiment": _text},
@@ -99,6 +118,28 @@ def validate(params: dict, schema: dict = SCHEMA, prefix: str = "") -> None:
             validate(params[key], rule, f"{prefix}{key}.")
         else:
             rule(f"{prefix}{key}", params[key])
+
+
+def sweep_compress(compress: dict, method: str, ratio) -> dict:
+    """The compress params of one sweep point: `method` is a preset, or a preset with the
+    closed-form update ("svd-llm+update"); its knobs are the preset's (a sweep compares presets),
+    the rest (route, rank_multiple, alpha) are the main params'."""
+    name, plus, extra = method.partition("+")
+    if plus and extra != "update":
+        raise UserError(f"sweep methods: {method!r}: expected a preset, optionally followed by +update")
+    _choice(METHODS)("sweep methods", name)
+    _ratio("sweep ratios", ratio)
+    return {**compress, "method": name, "ratio": ratio, "metric": None, "allocation": None, "update": bool(plus),
+            "residual_fraction": None, "residual_metric": None, "last_layers": None}
+
+
+def validate_sweep(sweep: dict) -> None:
+    """sweep/params.yaml: methods (sweep_compress), ratios in (0, 1), the MLflow experiment."""
+    validate(sweep, {"methods": _text_list, "ratios": _ratio_list, "experiment": _text}, "sweep ")
+    for method in sweep["methods"]:
+        sweep_compress({}, method, sweep["ratios"][0])
+    if len(set(sweep["methods"])) < len(sweep["methods"]) or len(set(sweep["ratios"])) < len(sweep["ratios"]):
+        raise UserError(f"sweep: methods and ratios must not repeat, got {sweep['methods']} x {sweep['ratios']}")
 
 
 def load(path="params.yaml") -> dict:

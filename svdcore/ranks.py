@@ -1,8 +1,13 @@
 """How many singular values each matrix keeps for a target compression ratio."""
 import heapq
 import math
+from collections import defaultdict
+
+import torch
 
 from .errors import UserError
+
+V2_MAX_RATIO = 0.9  # no matrix loses more than this share of its parameters under V2
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
@@ -22,6 +27,123 @@ def uniform_ranks(shapes: dict[str, list[int]], ratio: float) -> dict[str, int |
         r = rank_for_ratio(m, n, ratio)
         ranks[name] = None if ratio == 0 or keeps_dense(m, n, r) else r
     return ranks
+
+
+def layer_index(name: str) -> int:
+    """The decoder layer of a linear named prefix.<layer>.<local> (linear_shapes' names)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise UserError(f"ranks: cannot tell the layer of {name!r}")
+
+
+def matrix_type(name: str) -> str:
+    """What a linear is across layers (self_attn.q_proj, mlp.down_proj, ...)."""
+    return name.split(f".{layer_index(name)}.", 1)[1]
+
+
+def last_k_ranks(shapes: dict[str, list[int]], ratio: float, k: int) -> dict[str, int | None]:
+    """ResSVD's partial-layer compression: the last k layers at ratio R L / k, the others dense,
+    so the whole model loses the share R of its decoder-linear parameters."""
+    layers = 1 + max(layer_index(n) for n in shapes)
+    if not 1 <= k <= layers:
+        raise UserError(f"compress.last_layers: expected 1 to {layers} (the model's layers), got {k}")
+    layer_ratio = ratio * layers / k
+    if layer_ratio >= 1:
+        raise UserError(f"compress.last_layers: {k} layers would each lose {layer_ratio:.0%} of their parameters "
+                        f"for an overall ratio of {ratio}; compress at least {math.floor(ratio * layers) + 1} layers")
+    last = {n: m for n, m in shapes.items() if layer_index(n) >= layers - k}
+    return {**{n: None for n in shapes}, **uniform_ranks(last, layer_ratio)}
+
+
+def truncation_loss(spectrum: torch.Tensor, rank: int) -> float:
+    """sqrt(sum of the dropped squared whitened singular values): SVD-LLM's loss at `rank`."""
+    return float(spectrum[rank:].sum().clamp_min(0).sqrt())
+
+
+def v2_ranks(shapes: dict[str, list[int]], spectra: dict[str, torch.Tensor], ratio: float) -> dict[str, int | None]:
+    """SVD-LLM V2's heterogeneous ratios. Within each matrix type, a matrix whose truncation at
+    the uniform ratio loses less (L_i) is compressed more: R_i = |type| R s_i / sum s_j with
+    s_i = 1 / log L_i, log L shifted to start at 1 (it can be <= 0, where 1/log breaks down),
+    clamped to [0, V2_MAX_RATIO]. The clamped budget is then redistributed (fit_budget), so the
+    whole allocation spends (1 - R) of the dense parameters, short of it by less than one rank step.
+    `spectra`: squared whitened singular values, descending (svdcore.spectra)."""
+    if ratio == 0:
+        return {n: None for n in shapes}
+    by_type = defaultdict(list)
+    for name in shapes:
+        by_type[matrix_type(name)].append(name)
+    ratios = {}
+    for names in by_type.values():
+        logs = torch.tensor([math.log(max(truncation_loss(spectra[n], rank_for_ratio(*shapes[n], ratio)), 1e-300))
+                             for n in names], dtype=torch.float64)
+        scores = 1 / (logs - logs.min() + 1)
+        share = len(names) * ratio * scores / scores.sum()
+        ratios.update({n: float(r) for n, r in zip(names, share.clamp(0, V2_MAX_RATIO))})
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        r = rank_for_ratio(m, n, ratios[name])
+        ranks[name] = None if ratios[name] == 0 or keeps_dense(m, n, r) else r
+    target = round((1 - ratio) * parameter_count(shapes, {n: None for n in shapes}))
+    return fit_budget(shapes, ranks, spectra, target)
+
+
+def fit_budget(shapes: dict[str, list[int]], ranks: dict[str, int | None], spectra: dict[str, torch.Tensor],
+               target: int) -> dict[str, int | None]:
+    """Ranks moved one at a time until the compressed matrices store at most `target` weights and
+    no further rank fits: a rank is taken from the matrix whose last kept direction carries the
+    least whitened energy per parameter, and given to the one whose next direction carries the
+    most. Dense matrices stay dense; no rank reaches 0 or the break-even rank."""
+    ranks = dict(ranks)
+    kept = parameter_count(shapes, ranks)
+    compressed = sorted(n for n, r in ranks.items() if r is not None)
+
+    def energy(name, index):  # squared singular value `index` (0-based) per parameter of one rank
+        spectrum = spectra[name]
+        return float(spectrum[index]) / sum(shapes[name]) if index < len(spectrum) else 0.0
+
+    cheapest = [(energy(n, ranks[n] - 1), n) for n in compressed if ranks[n] > 1]
+    heapq.heapify(cheapest)
+    while kept > target:
+        if not cheapest:
+            raise UserError(f"ranks: cannot fit {target} weights with every compressed matrix at rank 1")
+        _, name = heapq.heappop(cheapest)
+        ranks[name] -= 1
+        kept -= sum(shapes[name])
+        if ranks[name] > 1:
+            heapq.heappush(cheapest, (energy(name, ranks[name] - 1), name))
+    best = [(-energy(n, ranks[n]), n) for n in compressed]
+    heapq.heapify(best)
+    while best:
+        _, name = heapq.heappop(best)
+        m, n = shapes[name]
+        if kept + m + n <= target and not keeps_dense(m, n, ranks[name] + 1):
+            ranks[name] += 1
+            kept += m + n
+            heapq.heappush(best, (-energy(name, ranks[name]), name))
+    return ranks
+
+
+def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectra: dict | None = None,
+             last_layers: int | None = None, multiple: int = 1) -> tuple[dict[str, int | None], dict]:
+    """Ranks for `ratio` under an allocation strategy (svdcore.methods.ALLOCATIONS), rounded to
+    `multiple`; and what the strategy decided (the k of last-k)."""
+    from .methods import last_layers_rule
+
+    decided = {}
+    if allocation == "uniform":
+        ranks = uniform_ranks(shapes, ratio)
+    elif allocation == "v2":
+        if spectra is None or set(spectra) != set(shapes):
+            raise UserError("ranks: the v2 allocation needs the whitened spectra of every linear; rerun compute-spectra")
+        ranks = v2_ranks(shapes, spectra, ratio)
+    elif allocation == "last-k":
+        layers = 1 + max(layer_index(n) for n in shapes)
+        k = decided["last_layers"] = last_layers or last_layers_rule(layers, ratio)
+        ranks = last_k_ranks(shapes, ratio, k) if ratio else {n: None for n in shapes}
+    else:
+        raise UserError(f"compress.allocation: unknown strategy {allocation!r}")
+    return round_to_multiple(shapes, ranks, multiple), decided
 
 
 def round_to_multiple(shapes: dict[str, list[int]], ranks: dict[str, int | None],

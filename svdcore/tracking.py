@@ -32,8 +32,14 @@ def git_sha(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
-    """Log params, numeric metrics and artifact files; return the run id."""
+def numeric_metrics(tree: dict) -> dict:
+    """The numbers of a nested dict, flattened (MLflow takes floats only)."""
+    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def open_experiment(experiment: str) -> dict:
+    """Point MLflow at the store at the repository root and make `experiment` (created if new)
+    the active one; returns the tags every run carries (git sha, DVC experiment name)."""
     import mlflow
 
     root = repository_root()
@@ -44,10 +50,17 @@ def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str]) 
     tags = {"git_sha": git_sha(root)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return tags
+
+
+def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
+    """Log params, numeric metrics and artifact files; return the run id."""
+    import mlflow
+
+    tags = open_experiment(experiment)
     with mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
-        mlflow.log_metrics(numeric)
+        mlflow.log_metrics(numeric_metrics(metrics))
         mlflow.set_tags(tags)
         for path in artifacts:
             if Path(path).is_file():

@@ -1,7 +1,7 @@
 """The bench scripts run end to end on tiny shapes (their figures are printed, never asserted)."""
 import torch
 
-from bench import compress, infer, ratio_change
+from bench import compress, infer, kernels, ratio_change
 
 
 def test_compress_bench_runs_both_modes_and_reports_every_phase(tmp_path):
@@ -41,3 +41,10 @@ def test_ratio_change_bench_reruns_only_what_the_ratio_feeds(tiny_model_dir):
                                       "truncate-and-update"}
     assert set(result["after_ratio_change_s"]) == {"dvc repro", "allocate-ranks", "truncate-and-update"}
     assert 0 < result["share"] < 1
+
+
+def test_kernels_bench_times_eigh_and_grams_and_prices_float32_eigh(tmp_path):
+    result = kernels.main(["--device", "cpu", "--size", "64", "--json", str(tmp_path / "k.json")])
+    assert {"eigh 64 float64", "eigh 64 float32", "gram 172 + add into float64"} <= set(result["kernels_ms"])
+    assert result["float32_eigh_loss_excess"] >= -1e-9  # float64 eigh is the optimum; float32 can only lose
+    assert "overlap" not in result  # a GPU-only experiment

@@ -8,7 +8,8 @@ from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
 from svdcore.errors import UserError
 from svdcore.lowrank import LowRankLinear
-from svdcore.methods import METRICS, PRESETS, Recipe, recipe
+from svdcore.fisher import fisher_scales
+from svdcore.methods import METRICS, PRESETS, Recipe, last_layers_rule, recipe, split_rank
 from svdcore.ranks import uniform_ranks
 from test_linalg import SHAPES, output_error, random_problem
 
@@ -91,7 +92,8 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
     plain, updated = tiny_llama(), tiny_llama()
     compress_model(plain, ranks, "svd-llm", stats, CPU)
     report = compress_model(updated, ranks, Recipe("whitening", update=True), stats, CPU, windows, 4)
-    assert report["recipe"] == {"metric": "whitening", "alpha": 0.5, "update": True}
+    assert report["recipe"] == {"metric": "whitening", "alpha": 0.5, "update": True, "allocation": "uniform",
+                                "residual_fraction": 0.0, "residual_metric": None, "last_layers": None}
     # summed over all linears, ||(W - A B) X~||^2 on the compressed prefix's inputs went down
     assert 0 < report["update_error_ratio"] < 1
     lows = [(n, m) for n, m in updated.named_modules() if isinstance(m, LowRankLinear)]
@@ -106,10 +108,12 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
 ROUTES_TAKEN = {  # tiny Llama: gate/up are the only matrices with more outputs than inputs
     ("auto", "plain"): {"eigh-out", "eigh-in"},
     ("auto", "activation"): {"eigh-out/activation", "eigh-in/activation"},
+    ("auto", "fisher"): {"eigh-out/fisher", "eigh-in/fisher"},
     ("auto", "whitening"): {"eigh-out", "eigh-in/cholesky"},
     ("auto", "eigen-whitening"): {"eigh-out", "eigh-in/eigen"},
     ("svd", "plain"): {"svd"},
     ("svd", "activation"): {"svd/activation"},
+    ("svd", "fisher"): {"svd/fisher"},
     ("svd", "whitening"): {"svd/cholesky"},
     ("svd", "eigen-whitening"): {"svd/eigen"},
 }
@@ -120,10 +124,11 @@ def test_every_metric_compresses_the_tiny_model_alike_on_every_route(metric, tmp
     windows = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
     stats = stats_dir(tiny_llama(), windows, tmp_path)
     ranks = uniform_ranks(linear_shapes(tiny_llama()), 0.3)
+    fisher = fisher_scales(tiny_llama(), windows, 4, CPU) if metric == "fisher" else None
     products = {}
     for route in ("auto", "svd"):
         model = tiny_llama()
-        report = compress_model(model, ranks, Recipe(metric), stats, CPU, route=route)
+        report = compress_model(model, ranks, Recipe(metric), stats, CPU, route=route, fisher=fisher)
         assert set(report["route_counts"]) == ROUTES_TAKEN[route, metric]
         assert sum(report["route_counts"].values()) == 14
         assert final_hidden_error(model, tiny_llama(), windows) > 0
@@ -133,13 +138,103 @@ def test_every_metric_compresses_the_tiny_model_alike_on_every_route(metric, tmp
 
 
 def test_presets_and_knobs():
-    assert {name: recipe(name).metric for name in PRESETS} == {"svd": "plain", "asvd": "activation",
-                                                               "svd-llm": "whitening"}
+    assert {name: recipe(name).metric for name in PRESETS} == {
+        "svd": "plain", "fwsvd": "fisher", "asvd": "activation", "svd-llm": "whitening",
+        "svd-llm-v2": "eigen-whitening", "ressvd": "whitening"}
+    assert recipe("svd-llm-v2").allocation == "v2" and recipe("ressvd").allocation == "last-k"
+    assert recipe("ressvd").residual_metric == "plain" and 0 < recipe("ressvd").residual_fraction < 1
     assert recipe("svd-llm", "eigen-whitening", 0.5, True) == Recipe("eigen-whitening", 0.5, True)
-    with pytest.raises(UserError, match="compress.method: expected one of svd, asvd, svd-llm, got 'svdd'"):
-        recipe("svdd")
-    with pytest.raises(UserError, match="compress.metric: expected one of plain, activation, whitening"):
-        recipe("svd", "fisher-ish")
+    # knobs combine: V2 allocation + a residual stage + the update on plain SVD-LLM
+    mixed = recipe("svd-llm", None, 0.5, True, "v2", 0.5, "activation")
+    assert (mixed.allocation, mixed.residual_metric, mixed.update, mixed.needs_stats) == ("v2", "activation", True, True)
+    assert recipe("svd", residual_fraction=0.5, residual_metric="fisher").needs_fisher
+    assert not recipe("ressvd", residual_fraction=0).residual_metric  # 0 turns the stage off
+    for args, message in [
+        (("svdd",), "compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, got 'svdd'"),
+        (("svd", "fisher-ish"), "compress.metric: expected one of plain, fisher, activation, whitening"),
+        (("svd", None, 0.5, False, "greedy"), "compress.allocation: expected one of uniform, v2, last-k"),
+        (("svd-llm", None, 0.5, False, None, 1.0), r"compress.residual_fraction: expected a share of the rank in \[0, 1\)"),
+        (("svd-llm", None, 0.5, False, None, 0.5), "compress.residual_metric: a residual stage"),
+        (("svd-llm", None, 0.5, False, None, 0.5, "whitening"), "both stages use whitening, which is exactly a single"),
+        (("svd-llm", None, 0.5, False, "v2", None, None, 4), "compress.last_layers: applies to allocation last-k only"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            recipe(*args)
+    with pytest.raises(UserError, match="the fisher metric needs the Fisher scales"):
+        compress_model(tiny_llama(), {}, "fwsvd", None, CPU)
+
+
+def test_split_rank_and_the_last_layers_rule():
+    assert split_rank(10, 0.25) == (2, 8) and split_rank(10, 0) == (10, 0) and split_rank(1, 0.5) == (1, 0)
+    assert split_rank(2, 0.99) == (1, 1) and split_rank(3, 0.01) == (1, 2)  # each stage keeps a direction
+    assert last_layers_rule(30, 0.2) == 15 and last_layers_rule(30, 0.6) == 20 and last_layers_rule(4, 0.95) == 4
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_residual_stage_with_the_same_metric_is_one_truncation(m, n):
+    """Eckart-Young in the whitened norm: truncating W at r1 and its residual at r - r1 under the
+    same metric keeps the same top-r subspace as one rank-r truncation."""
+    weight, x = random_problem(m, n, 200, seed=5)
+    white = whitening(x.T @ x)
+    one_a, one_b = truncate_whitened(weight, white, 7)
+    a1, b1 = truncate_whitened(weight, white, 3)
+    a2, b2 = truncate_whitened(weight - a1 @ b1, white, 4)
+    torch.testing.assert_close(a1 @ b1 + a2 @ b2, one_a @ one_b, rtol=1e-9, atol=1e-10)
+
+
+def test_residual_recipe_stacks_both_stages_at_the_cost_of_one_rank(tmp_path):
+    windows = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = stats_dir(tiny_llama(), windows, tmp_path)
+    ranks = uniform_ranks(linear_shapes(tiny_llama()), 0.3)
+    single, same, mixed = tiny_llama(), tiny_llama(), tiny_llama()
+    compress_model(single, ranks, "svd-llm", stats, CPU)
+    # the library takes a same-metric residual (recipe() refuses it as pointless): it must equal one truncation
+    compress_model(same, ranks, Recipe("whitening", residual_fraction=0.4, residual_metric="whitening"), stats, CPU)
+    report = compress_model(mixed, ranks, Recipe("whitening", residual_fraction=0.4, residual_metric="plain"), stats, CPU)
+    assert set(report["route_counts"]) == {"eigh-out+eigh-out", "eigh-in+eigh-in/cholesky"}
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        s, t, u = (model.get_submodule(name) for model in (single, same, mixed))
+        assert s.A.shape == t.A.shape == u.A.shape == (s.A.shape[0], rank)
+        torch.testing.assert_close(t.A @ t.B, s.A @ s.B, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(u.A @ u.B, s.A @ s.B, atol=1e-4)  # plain first stage: another truncation
+    # the whitened truncation is optimal on the calibration data: the mixed one can only do worse there
+    assert output_loss(mixed, stats) >= output_loss(single, stats) * (1 - 1e-9)
+
+
+def output_loss(model, stats):
+    """Sum over compressed linears of ||(W - A B) X||^2 on the calibration Grams."""
+    from svdcore.covariances import load_layer
+
+    dense, total = tiny_llama(), 0.0
+    for name, low in model.named_modules():
+        if isinstance(low, LowRankLinear):
+            index = int(name.split(".")[2])
+            layer_stats = load_layer(stats, index)
+            local = name.split(".", 3)[3]
+            gram = layer_stats.grams[layer_stats.shares[local]]
+            d = dense.get_submodule(name).weight.double() - (low.A @ low.B).detach().double()
+            total += float(((d @ gram) * d).sum())
+    return total
+
+
+def test_fisher_scales_weigh_each_input_feature_by_the_loss_gradient():
+    model, windows = tiny_llama(), torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(2))
+    scales = fisher_scales(model, windows, 3, CPU)
+    assert set(scales) == set(linear_shapes(model))
+    assert all(s.shape == (linear_shapes(model)[n][1],) and s.dtype == torch.float64 and (s >= 0).all()
+               for n, s in scales.items())
+    assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+    # the definition, by hand for one matrix: mean over batches of the squared gradient, summed over rows
+    name = "model.layers.1.mlp.down_proj"
+    module, total = model.get_submodule(name), 0
+    for batch in windows.split(3):
+        model.zero_grad()
+        model(batch, labels=batch).loss.backward()
+        total = total + module.weight.grad.double().square().sum(0)
+    torch.testing.assert_close(scales[name], (total / 2).sqrt(), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(fisher_scales(tiny_llama(), windows, 3, CPU)[name], scales[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("offload", [False, True])

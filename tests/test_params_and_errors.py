@@ -40,10 +40,16 @@ def test_shipped_params_are_valid():
     ("compress.ratio", -0.1, r"compress.ratio: expected a number in \[0, 1\)"),
     ("compress.ratio", "0.2", r"compress.ratio: expected a number"),
     ("compress.ratio", True, r"compress.ratio: expected a number"),
-    ("compress.method", "asvdd", r"compress.method: expected one of svd, asvd, svd-llm, got 'asvdd'"),
+    ("compress.method", "asvdd", r"compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, got 'asvdd'"),
     ("compress.typo", 1, r"compress.typo: unknown key; allowed here: ratio, method, metric, alpha, update"),
-    ("compress.metric", "fisher", r"compress.metric: expected one of plain, activation, whitening, eigen-whitening, "
-                                  r"got 'fisher' \(or null for the method's own\)"),
+    ("compress.metric", "fishr", r"compress.metric: expected one of plain, fisher, activation, whitening, "
+                                 r"eigen-whitening, got 'fishr' \(or null for the method's own\)"),
+    ("compress.allocation", "greedy", r"compress.allocation: expected one of uniform, v2, last-k, got 'greedy' "
+                                      r"\(or null for the method's own\)"),
+    ("compress.residual_fraction", 1, r"compress.residual_fraction: expected a number in \[0, 1\) \(the share of "
+                                      r"each rank given to the first stage\), got 1"),
+    ("compress.residual_metric", "svd", r"compress.residual_metric: expected one of plain, fisher"),
+    ("compress.last_layers", 0, r"compress.last_layers: expected an integer >= 1, got 0 \(or null for the rule"),
     ("compress.alpha", 0, r"compress.alpha: expected a number in \(0, 1\] \(the exponent of mean \|x\|\), got 0"),
     ("compress.alpha", 1.5, r"compress.alpha: expected a number in \(0, 1\]"),
     ("compress.update", "yes", r"compress.update: expected true or false, got 'yes'"),

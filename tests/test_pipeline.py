@@ -4,8 +4,8 @@ import sqlite3
 
 from conftest import dvc_repo, set_params, sh
 
-STAGES = ["collect-calibration", "compute-covariances", "allocate-ranks", "truncate-and-update",
-          "evaluate-dense", "evaluate"]
+STAGES = ["collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
+          "truncate-and-update", "evaluate-dense", "evaluate"]
 
 
 def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
@@ -20,7 +20,7 @@ def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
 
     set_params(work, compress__ratio=0.4)
     second = sh(dvc + ["repro"], work, env)
-    for stage in ("collect-calibration", "compute-covariances", "evaluate-dense"):
+    for stage in ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "evaluate-dense"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     for stage in ("allocate-ranks", "truncate-and-update", "evaluate"):
         assert f"Running stage '{stage}'" in second

@@ -1,0 +1,66 @@
+"""sweep point: one method at one ratio, from the main pipeline's statistics; its perplexity,
+achieved ratio and compress time to sweep/points/<method>@<ratio>.json (no model is saved).
+
+    python -m stages.sweep_point svd-llm 0.2
+    python -m stages.sweep_point svd-llm+update 0.2    # a preset with the closed-form update on
+"""
+import sys
+import time
+
+from svdcore.atomic import read_json, write_json
+from svdcore.compress import compress_model
+from svdcore.covariances import linear_shapes
+from svdcore.errors import UserError
+from svdcore.evaluation import evaluate_model
+from svdcore.fisher import load_fisher
+from svdcore.methods import recipe_from_params
+from svdcore.model import load_model, load_tokenizer, resolve_device, resolve_dtype
+from svdcore.params import sweep_compress
+from svdcore.ranks import allocate
+from svdcore.spectra import load_spectra
+from stages.common import STARTED, peak_memory, run
+from stages.io import load_calibration
+
+FISHER = "sweep/artifacts/fisher.safetensors"
+
+
+def point_file(method: str, ratio: float) -> str:
+    return f"sweep/points/{method}@{ratio}.json"
+
+
+def work(params, method: str, ratio: float) -> dict:
+    device = resolve_device(params["device"])
+    compress = sweep_compress(params["compress"], method, ratio)
+    recipe = recipe_from_params(compress)
+    dense = read_json("metrics/dense.json", "dense baseline")
+    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
+    spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
+    ranks, decided = allocate(shapes, ratio, recipe.allocation, spectra, recipe.last_layers, compress["rank_multiple"])
+    model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
+    if linear_shapes(model) != shapes:
+        raise UserError("sweep: artifacts/linears.json was made for another model; rerun the main pipeline (dvc repro)")
+    fisher = load_fisher(FISHER, model) if recipe.needs_fisher else None
+    windows = load_calibration() if recipe.update else None
+    cov, ev = params["covariances"], params["evaluate"]
+    start = time.perf_counter()
+    compress_model(model, ranks, recipe, "artifacts/stats", device, windows, cov["batch_size"],
+                   route=compress["route"], offload=cov["offload_activations"], fisher=fisher)
+    compress_s = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics, _ = evaluate_model(model, load_tokenizer(params["model"]["name"]), ev["datasets"], ev["seqlen"],
+                                ev["max_windows"], ev["batch_size"], device, f"{method}@{ratio}")
+    write_json(point_file(method, ratio), {
+        "method": method, "ratio": ratio, "recipe": recipe.describe(), **decided,
+        "ppl": metrics["ppl"], "windows": metrics["windows"],
+        "ratio_achieved": {"linears": 1 - metrics["params_linears"] / dense["params_linears"],
+                           "model": 1 - metrics["params_total"] / dense["params_total"]},
+        "compress_s": round(compress_s, 2), "evaluate_s": round(time.perf_counter() - start, 2),
+        "wall_s": round(time.perf_counter() - STARTED, 2), **peak_memory(),
+        "params": {**params, "compress": compress}})
+    return {}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    run("sweep-point", lambda params: work(params, sys.argv[1], float(sys.argv[2])), timings_dir=None)

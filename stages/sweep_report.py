@@ -1,0 +1,46 @@
+"""sweep report: the points of sweep/params.yaml against the dense model -> table (markdown,
+CSV), ratio-perplexity plot (PNG, and CSVs for `dvc plots`), a summary, one MLflow parent run
+with a child run per point."""
+from pathlib import Path
+
+import yaml
+
+from svdcore.atomic import read_json, write_json
+from svdcore.params import validate_sweep
+from svdcore.sweep_report import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
+from stages.common import STAGE_METRICS, run
+from stages.sweep_point import point_file
+
+SWEEP = Path("sweep")
+RESULTS = SWEEP / "results"
+# what one point would cost as its own `dvc repro` from scratch, besides the point's own work
+FROM_SCRATCH = ("collect-calibration", "compute-covariances", "compute-spectra", "evaluate-dense")
+
+
+def work(params):
+    sweep = yaml.safe_load((SWEEP / "params.yaml").read_text())
+    validate_sweep(sweep)
+    dense = read_json("metrics/dense.json", "dense baseline")
+    points = [read_json(point_file(m, r), f"sweep point {m}@{r}") for m in sweep["methods"] for r in sweep["ratios"]]
+    write_csv(points_table(points, dense), RESULTS / "table.csv")
+    write_markdown(points, dense, RESULTS / "table.md")
+    plot(points, dense, RESULTS / "ratio_ppl.png")
+    plot_data(points, SWEEP / "plots")
+    fisher_s = read_json(SWEEP / "timings/compute-fisher.json", "sweep Fisher timings")["wall_s"]
+    upstream = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings")["wall_s"] for name in FROM_SCRATCH}
+    points_s = sum(p["wall_s"] for p in points)
+    fwsvd_points = sum(p["recipe"]["metric"] == "fisher" or p["recipe"]["residual_metric"] == "fisher" for p in points)
+    write_json(RESULTS / "summary.json", {
+        "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
+        # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline
+        "sweep_s": round(points_s + fisher_s, 1),
+        "shared_upstream_s": round(sum(upstream.values()), 1),
+        "each_point_from_scratch_s": round(points_s + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s, 1),
+    })
+    log_sweep(sweep["experiment"], dense, points, sweep,
+              [RESULTS / "table.md", RESULTS / "table.csv", RESULTS / "ratio_ppl.png", RESULTS / "summary.json"])
+    return {}
+
+
+if __name__ == "__main__":
+    run("sweep-report", work, timings_dir=None)

@@ -1,0 +1,65 @@
+"""The sweep pipeline (sweep/dvc.yaml) end to end on a tiny model: points, report, MLflow runs,
+and adding a ratio reruns only the new points."""
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import dvc_repo, sh
+from svdcore.sweep_report import dvc_plots_definition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_sweep(work, **changes):
+    path = work / "sweep/params.yaml"
+    sweep = yaml.safe_load(path.read_text())
+    sweep.update(changes)
+    path.write_text(yaml.safe_dump(sweep))
+
+
+def test_sweep_runs_every_point_once_and_reports_them(tmp_path, tiny_model_dir):
+    import mlflow
+
+    work, env, dvc = dvc_repo(tmp_path / "repo", tiny_model_dir)
+    set_sweep(work, methods=["fwsvd", "svd-llm-v2", "ressvd"], ratios=[0.2])
+    first = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
+    assert "Running stage 'compute-covariances'" in first  # the main pipeline's statistics, upstream
+    assert "Running stage 'evaluate'" not in first  # but not its compressed model
+    assert first.count("Running stage 'sweep/dvc.yaml:point@") == 3
+    points = {p.name: json.loads(p.read_text()) for p in (work / "sweep/points").glob("*.json")}
+    assert sorted(points) == ["fwsvd@0.2.json", "ressvd@0.2.json", "svd-llm-v2@0.2.json"]
+    for name, p in points.items():
+        assert abs(p["ratio_achieved"]["linears"] - p["ratio"]) < 0.03, name
+        assert set(p["ppl"]) == {"wikitext2", "ptb"} and p["compress_s"] > 0
+    assert points["ressvd@0.2.json"]["last_layers"] == 1  # the rule on 2 layers: half of them at twice the ratio
+    assert points["fwsvd@0.2.json"]["recipe"]["metric"] == "fisher"
+    assert points["svd-llm-v2@0.2.json"]["recipe"]["allocation"] == "v2"
+    table = (work / "sweep/results/table.md").read_text()
+    assert all(m in table for m in ("fwsvd", "svd-llm-v2", "ressvd"))
+    assert (work / "sweep/results/ratio_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((work / "sweep/results/summary.json").read_text())
+    assert summary["points"] == 3 and summary["each_point_from_scratch_s"] > summary["sweep_s"] > 0
+    shown = sh(dvc + ["plots", "show", "--json"], work, env)
+    assert "sweep-wikitext2" in shown and "svd-llm-v2.csv" in shown
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["svdcore-sweep"])
+    parents = runs[runs["tags.mlflow.runName"] == "sweep"]
+    assert len(parents) == 1 and len(runs) == 4
+    assert set(runs["tags.mlflow.parentRunId"].dropna()) == {parents["run_id"].iloc[0]}
+
+    set_sweep(work, ratios=[0.2, 0.4])
+    second = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
+    assert second.count("Running stage 'sweep/dvc.yaml:point@") == 3  # the new ratio, every method
+    assert "Running stage 'sweep/dvc.yaml:point@ressvd-0.4'" in second
+    assert "Running stage 'sweep/dvc.yaml:report'" in second
+    assert "Running stage 'sweep/dvc.yaml:fisher'" not in second
+    assert "Running stage 'compute-covariances'" not in second
+
+
+def test_sweep_plots_name_every_method_of_the_sweep_params():
+    sweep = yaml.safe_load((ROOT / "sweep/params.yaml").read_text())
+    datasets = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["datasets"]
+    defined = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["plots"]
+    assert defined == dvc_plots_definition(sweep["methods"], datasets, "plots")
