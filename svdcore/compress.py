@@ -124,8 +124,9 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
     output); with `stats_dir` None and calibration `windows` given, they are gathered in the same
     streamed pass instead, each layer truncated on the device as soon as its Grams are complete
     (one pass, nothing written: what a one-off compression on a GPU wants). The update always
-    needs `windows`; the fisher metric needs `fisher` (svdcore.fisher). Returns a report: the route of every matrix (decomposition/whitening), how
-    many distinct Grams needed each whitening route, and what the update gained."""
+    needs `windows`; the fisher metric needs `fisher` (svdcore.fisher). Returns a report: the
+    route of every matrix (decomposition/whitening), how many distinct Grams needed each
+    whitening route, and what the update gained."""
     recipe = method if isinstance(method, Recipe) else preset(method)
     if recipe.update and windows is None:
         raise UserError("compress.update: the closed-form update needs the calibration windows")

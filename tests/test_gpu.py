@@ -71,3 +71,15 @@ def test_bench_scripts_run_on_the_gpu(tmp_path):
     rows = infer.main(["--shape", "tiny", "--device", "cuda", "--prefill-batch", "2", "--prefill-len", "64",
                        "--prompt", "16", "--steps", "8", "--repeats", "2"])["rows"]
     assert len(rows) == 5 and all(r["prefill_tok_s"] > 0 for r in rows)
+
+
+def test_fisher_scales_and_spectra_made_on_the_gpu_match_the_cpu_ones(tmp_path):
+    from svdcore.covariances import save_layer
+    from svdcore.fisher import fisher_scales
+    from svdcore.spectra import whitened_spectra
+
+    on_cpu, on_gpu = fisher_scales(tiny_llama(), WINDOWS, 4, CPU), fisher_scales(tiny_llama(), WINDOWS, 4, GPU)
+    assert max(relative(on_gpu[k], on_cpu[k]) for k in on_cpu) < 1e-4  # fp32 backward, another summation order
+    collect_grams(tiny_llama(), WINDOWS, 4, CPU, lambda i, s: save_layer(tmp_path, i, s))
+    cpu_spectra, gpu_spectra = whitened_spectra(tiny_llama(), tmp_path, CPU), whitened_spectra(tiny_llama(), tmp_path, GPU)
+    assert max(relative(gpu_spectra[k], cpu_spectra[k]) for k in cpu_spectra) < 1e-9  # both float64
