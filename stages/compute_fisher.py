@@ -10,6 +10,8 @@ from svdcore.model import load_model, resolve_device, resolve_dtype
 from stages.common import STAGE_METRICS, run
 from stages.io import load_calibration
 
+OUT = "artifacts/fisher.safetensors"
+
 
 def compute(params, out: str, always: bool) -> dict:
     device = resolve_device(params["device"])
@@ -22,10 +24,14 @@ def compute(params, out: str, always: bool) -> dict:
     return {"device": str(device), "matrices": len(scales)}
 
 
+def work(params):
+    return compute(params, OUT, always=False)
+
+
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__)
     cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
-    cli.add_argument("--out", default="artifacts/fisher.safetensors")
+    cli.add_argument("--out", default=OUT)
     cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
     args = cli.parse_args()
     run("compute-fisher", lambda params: compute(params, args.out, args.always), Path(args.timings_dir))
