@@ -23,6 +23,12 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a timer read after it counts the queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory(device: torch.device) -> dict:
     figures = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if device.type == "cuda":

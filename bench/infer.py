@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.common import device_name, parser as bench_parser, peak_memory, table, write_json
+from bench.common import device_name, parser as bench_parser, peak_memory, sync, table, write_json
 from bench.shapes import random_llama
 from svdcore.covariances import linear_shapes
 from svdcore.model import resolve_device, resolve_dtype, weight_bytes
@@ -37,21 +37,16 @@ def variant(shape, dtype, device, ratio, multiple):
     return model.eval()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def prefill_tokens_per_s(model, device, batch, length, repeats):
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     for _ in range(2):  # warm-up: kernels chosen, memory pooled
         model(ids, use_cache=False, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         model(ids, use_cache=False, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     return batch * length * repeats / (time.perf_counter() - start)
 
 
@@ -90,12 +85,12 @@ def decode_tokens_per_s(model, device, batch, prompt, steps):
             torch.cuda.synchronize(device)
     position.fill_(prompt + 2)
     run()  # warm-up
-    _sync(device)
+    sync(device)
     count = min(steps, prompt + steps + 8 - int(position) - 1)
     start = time.perf_counter()
     for _ in range(count):
         run()
-    _sync(device)
+    sync(device)
     return batch * count / (time.perf_counter() - start), how
 
 

@@ -3,10 +3,9 @@ CSV), ratio-perplexity plot (PNG, and CSVs for `dvc plots`), a summary, one MLfl
 with a child run per point."""
 from pathlib import Path
 
-import yaml
-
 from svdcore.atomic import read_json, write_json
-from svdcore.params import validate_sweep
+from svdcore.methods import Recipe
+from svdcore.params import load as load_params, validate_sweep
 from svdcore.sweep_report import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
 from stages.common import STAGE_METRICS, run
 from stages.sweep_point import point_file
@@ -18,8 +17,7 @@ FROM_SCRATCH = ("collect-calibration", "compute-covariances", "compute-spectra",
 
 
 def work(params):
-    sweep = yaml.safe_load((SWEEP / "params.yaml").read_text())
-    validate_sweep(sweep)
+    sweep = load_params(SWEEP / "params.yaml", validate_sweep)
     dense = read_json("metrics/dense.json", "dense baseline")
     points = [read_json(point_file(m, r), f"sweep point {m}@{r}") for m in sweep["methods"] for r in sweep["ratios"]]
     write_csv(points_table(points, dense), RESULTS / "table.csv")
@@ -29,7 +27,7 @@ def work(params):
     fisher_s = read_json(SWEEP / "timings/compute-fisher.json", "sweep Fisher timings")["wall_s"]
     upstream = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings")["wall_s"] for name in FROM_SCRATCH}
     points_s = sum(p["wall_s"] for p in points)
-    fwsvd_points = sum(p["recipe"]["metric"] == "fisher" or p["recipe"]["residual_metric"] == "fisher" for p in points)
+    fwsvd_points = sum(Recipe(**p["recipe"]).needs_fisher for p in points)
     write_json(RESULTS / "summary.json", {
         "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
         # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline

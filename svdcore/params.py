@@ -142,7 +142,8 @@ def validate_sweep(sweep: dict) -> None:
         raise UserError(f"sweep: methods and ratios must not repeat, got {sweep['methods']} x {sweep['ratios']}")
 
 
-def load(path="params.yaml") -> dict:
+def load(path="params.yaml", check=validate) -> dict:
+    """Read a parameters file and `check` it (params.yaml's schema, or validate_sweep)."""
     import yaml
 
     path = Path(path)
@@ -152,5 +153,5 @@ def load(path="params.yaml") -> dict:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    validate(params)
+    check(params)
     return params
