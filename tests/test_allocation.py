@@ -78,7 +78,7 @@ def test_last_k_compresses_only_the_last_layers_at_the_scaled_ratio():
     with pytest.raises(UserError, match=r"compress.last_layers: expected 1 to 6"):
         last_k_ranks(SHAPES, 0.2, 7)
     ranks, decided = allocate(SHAPES, 0.2, "last-k")
-    assert decided == {"last_layers": 3}  # the rule: the last half, at twice the ratio
+    assert decided == {"last_layers": 5}  # the rule: the last three quarters of 6, rounded up
     with pytest.raises(UserError, match="the v2 allocation needs the whitened spectra"):
         allocate(SHAPES, 0.2, "v2")
 

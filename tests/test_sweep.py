@@ -32,7 +32,7 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, tiny_model_dir):
     for name, p in points.items():
         assert abs(p["ratio_achieved"]["linears"] - p["ratio"]) < 0.03, name
         assert set(p["ppl"]) == {"wikitext2", "ptb"} and p["compress_s"] > 0
-    assert points["ressvd@0.2.json"]["last_layers"] == 1  # the rule on 2 layers: half of them at twice the ratio
+    assert points["ressvd@0.2.json"]["last_layers"] == 2  # the rule on 2 layers: three quarters, rounded up
     assert points["fwsvd@0.2.json"]["recipe"]["metric"] == "fisher"
     assert points["svd-llm-v2@0.2.json"]["recipe"]["allocation"] == "v2"
     table = (work / "sweep/results/table.md").read_text()
