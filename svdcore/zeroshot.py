@@ -50,9 +50,9 @@ def task_scores(results: dict, task: str) -> dict:
 
 
 def mean_scores(per_task: dict) -> dict:
-    """Means over the tasks. WinoGrande has no acc_norm in lm-eval because both of its options
-    score the same continuation, so normalizing by its length changes no comparison: its acc
-    stands in for acc_norm in the acc_norm mean."""
+    """Means over the tasks. lm-eval reports no acc_norm for WinoGrande: its two options are
+    contexts that score one shared continuation, so dividing by the length of what is scored
+    would not change the pick. Its acc stands in for acc_norm in the acc_norm mean."""
     if not per_task:
         return {}
     tasks = per_task.values()
