@@ -4,13 +4,17 @@ import time
 from svdcore.atomic import read_json, write_json
 from svdcore.errors import UserError
 from svdcore.evaluation import directory_bytes, evaluate_model, linear_parameters
+from svdcore.generation import check_same_prompts, generate_samples, side_by_side
 from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
 from svdcore.tracking import log_run
+from svdcore.zeroshot import check_same_protocol, evaluate_zeroshot
 from stages.common import STAGE_METRICS, STARTED, peak_memory, run
 from stages.truncate_and_update import MODEL_DIR, REPORT
 
 OUT = "metrics/evaluate.json"
+SAMPLES = "metrics/samples.json"
+DENSE_SAMPLES = "metrics/dense-samples.json"
 UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
             "truncate-and-update", "evaluate-dense")
 
@@ -19,16 +23,22 @@ def work(params):
     from transformers import AutoTokenizer
 
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
-    ev = params["evaluate"]
+    ev, zs, gen = params["evaluate"], params["zeroshot"], params["generate"]
     dense = read_json("metrics/dense.json", "dense baseline")
+    check_same_protocol(dense.get("zeroshot", {}), zs["tasks"], zs["limit"])
+    dense_samples = read_json(DENSE_SAMPLES, "dense generation samples")
+    check_same_prompts(dense_samples, gen["prompts"], gen["max_new_tokens"])
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
     model = load_compressed(MODEL_DIR, dtype=resolve_dtype(params["model"]["dtype"], device))
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
-    compressed, runtime = evaluate_model(model, AutoTokenizer.from_pretrained(MODEL_DIR), ev["datasets"],
-                                         ev["seqlen"], ev["max_windows"], ev["batch_size"],
-                                         device, "compressed")
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    compressed, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
+                                         ev["batch_size"], device, "compressed")
+    compressed["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], zs["limit"],
+                                                                 zs["batch_size"], device)
+    runtime.update(zeroshot_runtime)
     compressed["bytes_on_disk"] = directory_bytes(MODEL_DIR)
     metrics = {
         "dense": dense,
@@ -39,11 +49,14 @@ def work(params):
         "whitening_routes": {"matrices": report["route_counts"], "grams": report["gram_route_counts"]},
     }
     write_json(OUT, metrics)
+    samples = generate_samples(model, tokenizer, gen["prompts"], gen["max_new_tokens"], device)
+    write_json(SAMPLES, {"max_new_tokens": gen["max_new_tokens"],
+                         "samples": side_by_side(dense_samples["samples"], samples)})
 
     stages = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings") for name in UPSTREAM}
     stages["evaluate"] = {**runtime, "wall_s": time.perf_counter() - STARTED, **peak_memory()}
     log_run(params["mlflow"]["experiment"], params, {**metrics, "stages": stages},
-            [OUT, "artifacts/ranks.json", REPORT])
+            [OUT, SAMPLES, "artifacts/ranks.json", REPORT])
     return runtime
 
 

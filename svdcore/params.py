@@ -7,6 +7,7 @@ from pathlib import Path
 from .errors import UserError
 from .decompose import ROUTES
 from .methods import ALLOCATIONS, METRICS, PRESETS
+from .zeroshot_data import TASKS as ZEROSHOT_TASKS
 
 METHODS = tuple(PRESETS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -86,6 +87,23 @@ def _text_list(key, v):
         _text(key, item)
 
 
+def _task_list(key, v):
+    """A list of distinct zero-shot task names; empty turns the zero-shot evaluation off."""
+    if not isinstance(v, list):
+        raise UserError(f"{key}: expected a list of task names ({', '.join(ZEROSHOT_TASKS)}), "
+                        f"or [] for none, got {v!r}")
+    for item in v:
+        if item not in ZEROSHOT_TASKS:
+            raise UserError(f"{key}: unknown task {item!r}; expected some of {', '.join(ZEROSHOT_TASKS)}")
+    if len(set(v)) != len(v):
+        raise UserError(f"{key}: each task at most once, got {v!r}")
+
+
+def _prompt_list(key, v):
+    if not isinstance(v, list) or not all(isinstance(p, str) and p.strip() for p in v):
+        raise UserError(f"{key}: expected a list of non-empty prompt strings (or [] for none), got {v!r}")
+
+
 SCHEMA = {
     "device": _device,
     "model": {"name": _text, "dtype": _choice(DTYPES)},
@@ -100,6 +118,8 @@ SCHEMA = {
                  "route": _choice(ROUTES), "rank_multiple": _int(1)},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},
+    "zeroshot": {"tasks": _task_list, "limit": _int(0), "batch_size": _int(1)},
+    "generate": {"prompts": _prompt_list, "max_new_tokens": _int(1)},
     "mlflow": {"experiment": _text},
 }
 

@@ -103,7 +103,7 @@ def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
     env, dvc = scratch_project(work)
     set_params(work, device="cpu", model__name=str(model_dir), calibration__samples=6,
                calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
-               evaluate__max_windows=3, compress__ratio=0.2,
+               evaluate__max_windows=3, zeroshot__limit=2, generate__max_new_tokens=6, compress__ratio=0.2,
                compress__rank_multiple=1)  # 64-wide matrices: a step of 8 would overshoot the ratio
     return work, env, dvc
 

@@ -51,6 +51,9 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
     params["covariances"]["batch_size"] = 4
     params["compress"]["ratio"] = 0.3
     params["evaluate"].update(seqlen=32, max_windows=4)
+    # one task of each kind: shared context (piqa), shared continuation after two contexts (winogrande)
+    params["zeroshot"].update(tasks=["piqa", "winogrande"], limit=2)
+    params["generate"].update(prompts=["The history of"], max_new_tokens=4)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -62,6 +65,10 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
     assert abs(metrics["ratio"]["linears"] - 0.3) < 0.03
     for ppl in [*metrics["compressed"]["ppl"].values(), *metrics["dense"]["ppl"].values()]:
         assert 1 < ppl < float("inf")
+    for model in ("dense", "compressed"):  # lm-eval runs every family in memory
+        assert {t: s["items"] for t, s in metrics[model]["zeroshot"]["tasks"].items()} == {"piqa": 2, "winogrande": 2}
+    samples = json.loads((work / "metrics/samples.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == ["The history of"] and {"dense", "compressed"} <= set(samples[0])
     compressed = load_compressed(work / "models/compressed")
     ranks = json.loads((work / "artifacts/ranks.json").read_text())["ranks"]
     low = {n: m.rank for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}

@@ -64,7 +64,8 @@ def test_ratios_outside_zero_one_are_rejected(ratio):
 
 @settings(max_examples=100, deadline=None)
 @given(key=st.sampled_from(["calibration.samples", "calibration.seqlen", "covariances.batch_size",
-                            "evaluate.seqlen", "evaluate.batch_size"]), value=st.integers(-10**6, 0))
+                            "evaluate.seqlen", "evaluate.batch_size", "zeroshot.batch_size",
+                            "generate.max_new_tokens"]), value=st.integers(-10**6, 0))
 def test_counts_below_their_minimum_are_rejected(key, value):
     with pytest.raises(UserError, match=rf"^{key}: expected an integer >= \d+, got {value}$"):
         params_module.validate(with_value(key, value))

@@ -35,6 +35,12 @@ def test_shipped_params_are_valid():
     params_module.validate(DEFAULTS)
 
 
+def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
+    params = with_value("zeroshot.tasks", [])
+    params["generate"]["prompts"] = []
+    params_module.validate(params)
+
+
 @pytest.mark.parametrize("path,value,message", [
     ("compress.ratio", 1.0, r"compress.ratio: expected a number in \[0, 1\)"),
     ("compress.ratio", -0.1, r"compress.ratio: expected a number in \[0, 1\)"),
@@ -62,6 +68,19 @@ def test_shipped_params_are_valid():
     ("device", "tpu", r"device: expected auto, cpu, cuda or cuda:N"),
     ("evaluate.datasets", [], r"evaluate.datasets: expected a non-empty list"),
     ("model.dtype", "float8", r"model.dtype: expected one of auto, float32, bfloat16, float16"),
+    ("zeroshot.tasks", ["piqa", "boolq"], r"zeroshot.tasks: unknown task 'boolq'; expected some of piqa, arc_easy, "
+                                          r"arc_challenge, hellaswag, winogrande, openbookqa, mathqa"),
+    ("zeroshot.tasks", "piqa", r"zeroshot.tasks: expected a list of task names \(piqa, .*\), or \[\] for none, "
+                               r"got 'piqa'"),
+    ("zeroshot.tasks", ["piqa", "piqa"], r"zeroshot.tasks: each task at most once"),
+    ("zeroshot.limit", -1, r"zeroshot.limit: expected an integer >= 0, got -1"),
+    ("zeroshot.limit", 0.5, r"zeroshot.limit: expected an integer, got 0.5"),
+    ("zeroshot.batch_size", 0, r"zeroshot.batch_size: expected an integer >= 1, got 0"),
+    ("zeroshot.typo", 1, r"zeroshot.typo: unknown key; allowed here: tasks, limit, batch_size"),
+    ("generate.prompts", ["ok", " "], r"generate.prompts: expected a list of non-empty prompt strings"),
+    ("generate.prompts", "Once upon a time", r"generate.prompts: expected a list"),
+    ("generate.max_new_tokens", 0, r"generate.max_new_tokens: expected an integer >= 1, got 0"),
+    ("generate", KeyError, r"generate: missing from params.yaml"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(path, value, message):
     with pytest.raises(UserError, match=message):

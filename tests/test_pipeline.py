@@ -17,6 +17,13 @@ def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
     metrics_20 = json.loads((work / "metrics/evaluate.json").read_text())
     assert abs(metrics_20["ratio"]["linears"] - 0.2) < 0.02
     assert metrics_20["compressed"]["params_linears"] < metrics_20["dense"]["params_linears"]
+    for model in ("dense", "compressed"):  # zero-shot scores of both, on the first 2 items of all seven tasks
+        zeroshot = metrics_20[model]["zeroshot"]
+        assert zeroshot["limit"] == 2 and len(zeroshot["tasks"]) == 7
+        assert all(s["items"] == 2 for s in zeroshot["tasks"].values()) and 0 <= zeroshot["mean"]["acc"] <= 1
+    samples = json.loads((work / "metrics/samples.json").read_text())
+    assert samples["max_new_tokens"] == 6 and len(samples["samples"]) == 4
+    assert all({"prompt", "dense", "compressed"} == set(s) for s in samples["samples"])
 
     set_params(work, compress__ratio=0.4)
     second = sh(dvc + ["repro"], work, env)
@@ -40,4 +47,20 @@ def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
     with sqlite3.connect(work / "mlflow.db") as db:
         runs = db.execute("select run_uuid from runs").fetchall()
         ratios = sorted(v for (v,) in db.execute("select value from params where key = 'compress.ratio'"))
+        runs_per_metric = dict(db.execute("select key, count(*) from metrics group by key").fetchall())
     assert len(runs) == 2 and ratios == ["0.2", "0.4"]
+    # zero-shot scores of both models in each run, and the generation samples beside them
+    assert runs_per_metric["compressed.zeroshot.mean.acc"] == runs_per_metric["dense.zeroshot.tasks.piqa.acc"] == 2
+    assert len(list(work.glob("mlartifacts/*/artifacts/samples.json"))) == 2
+
+    # the zero-shot protocol feeds both evaluations, and nothing before them
+    set_params(work, zeroshot__limit=3)
+    fourth = sh(dvc + ["repro"], work, env)
+    for stage in ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher",
+                  "allocate-ranks", "truncate-and-update"):
+        assert f"Stage '{stage}' didn't change, skipping" in fourth
+    for stage in ("evaluate-dense", "evaluate"):
+        assert f"Running stage '{stage}'" in fourth
+    metrics_limit_3 = json.loads((work / "metrics/evaluate.json").read_text())
+    assert all(s["items"] == 3 for s in metrics_limit_3["dense"]["zeroshot"]["tasks"].values())
+    assert metrics_limit_3["compressed"]["ppl"] == metrics_20["compressed"]["ppl"]
