@@ -27,8 +27,8 @@ VARIANTS = [
     ("plain 0.25 + whitening", {"residual_fraction": 0.25, "residual_metric": "plain"}),
     ("plain 0.5 + whitening", {"residual_fraction": 0.5, "residual_metric": "plain"}),
     ("whitening 0.75 + plain", {"residual_fraction": 0.75, "residual_metric": "whitening", "metric": "plain"}),
-    ("whitening, last-k rule", {"allocation": "last-k"}),
-    ("whitening, last 3/4", {"allocation": "last-k", "last_layers": "3/4"}),
+    ("whitening, last 1/2", {"allocation": "last-k", "last_layers": (1, 2)}),
+    ("whitening, last 3/4", {"allocation": "last-k", "last_layers": (3, 4)}),
 ]
 
 
@@ -51,8 +51,9 @@ def main():
     for ratio in args.ratios:
         for label, knobs in VARIANTS:
             knobs = dict(knobs)
-            if knobs.get("last_layers") == "3/4":
-                knobs["last_layers"] = -(-3 * layers // 4)
+            if "last_layers" in knobs:  # a share of the layers, rounded up
+                share, of = knobs["last_layers"]
+                knobs["last_layers"] = -(-share * layers // of)
             recipe = Recipe(**{"metric": "whitening", **knobs})
             ranks, decided = allocate(shapes, ratio, recipe.allocation, last_layers=recipe.last_layers)
             model = copy.deepcopy(dense)
