@@ -8,10 +8,9 @@ squared whitened singular values: the calibration output error of each linear on
 model's inputs), split between the first and the second half of the layers, and the share of
 parameters removed in each half. Seconds on a CPU; prints a table and writes --json.
 """
-import json
-
 from bench.common import parser as bench_parser, table, write_json
-from svdcore.ranks import allocate, layer_index, parameter_count
+from svdcore.atomic import read_json
+from svdcore.ranks import allocate, layer_index, parameter_count, truncation_loss
 from svdcore.spectra import load_spectra
 
 ALLOCATIONS = ("uniform", "v2", "last-k")
@@ -24,7 +23,7 @@ def half_figures(shapes, ranks, spectra, layers) -> dict:
         part = {n: shapes[n] for n in names}
         dense = parameter_count(part, {n: None for n in names})
         row[f"removed_{half}"] = 1 - parameter_count(part, {n: ranks[n] for n in names}) / dense
-        row[f"loss_{half}"] = sum(float(spectra[n][ranks[n]:].sum()) for n in names if ranks[n] is not None)
+        row[f"loss_{half}"] = sum(truncation_loss(spectra[n], ranks[n]) ** 2 for n in names if ranks[n] is not None)
     row["loss_total"] = row["loss_first"] + row["loss_second"]
     return row
 
@@ -34,8 +33,7 @@ def main():
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    with open("artifacts/linears.json") as f:
-        shapes = json.load(f)["shapes"]
+    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
     spectra = load_spectra("artifacts/spectra.safetensors")
     layers = 1 + max(layer_index(n) for n in shapes)
     rows = []

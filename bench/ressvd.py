@@ -9,12 +9,12 @@ calibration windows are drawn from WikiText-2 valid too, so that column is sligh
 for every variant alike. Prints a table and writes --json; nothing here is asserted.
 """
 import copy
-import json
 import time
 
 import torch
 
 from bench.common import parser as bench_parser, peak_memory, table, write_json
+from svdcore.atomic import read_json
 from svdcore.compress import compress_model
 from svdcore.evaluation import evaluate_model
 from svdcore.methods import Recipe
@@ -42,8 +42,7 @@ def main():
     device = resolve_device(args.device)
     dense = load_model(args.model, torch.float32)
     tokenizer = load_tokenizer(args.model)
-    with open("artifacts/linears.json") as f:
-        shapes = json.load(f)["shapes"]
+    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
     layers = dense.config.num_hidden_layers
     score = lambda model, label: evaluate_model(model, tokenizer, ["wikitext2-valid", "ptb-valid"], 512,
                                                 args.windows, 4, device, label)[0]["ppl"]
