@@ -9,12 +9,12 @@ calibration windows are drawn from WikiText-2 valid too, so that column is sligh
 for every variant alike. Prints a table and writes --json; nothing here is asserted.
 """
 import copy
-import json
 import time
 
 import torch
 
 from bench.common import parser as bench_parser, peak_memory, table, write_json
+from svdcore.atomic import read_json
 from svdcore.compress import compress_model
 from svdcore.evaluation import evaluate_model
 from svdcore.methods import Recipe
@@ -27,8 +27,8 @@ VARIANTS = [
     ("plain 0.25 + whitening", {"residual_fraction": 0.25, "residual_metric": "plain"}),
     ("plain 0.5 + whitening", {"residual_fraction": 0.5, "residual_metric": "plain"}),
     ("whitening 0.75 + plain", {"residual_fraction": 0.75, "residual_metric": "whitening", "metric": "plain"}),
-    ("whitening, last-k rule", {"allocation": "last-k"}),
-    ("whitening, last 3/4", {"allocation": "last-k", "last_layers": "3/4"}),
+    ("whitening, last 1/2", {"allocation": "last-k", "last_layers": (1, 2)}),
+    ("whitening, last 3/4", {"allocation": "last-k", "last_layers": (3, 4)}),
 ]
 
 
@@ -42,8 +42,7 @@ def main():
     device = resolve_device(args.device)
     dense = load_model(args.model, torch.float32)
     tokenizer = load_tokenizer(args.model)
-    with open("artifacts/linears.json") as f:
-        shapes = json.load(f)["shapes"]
+    shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
     layers = dense.config.num_hidden_layers
     score = lambda model, label: evaluate_model(model, tokenizer, ["wikitext2-valid", "ptb-valid"], 512,
                                                 args.windows, 4, device, label)[0]["ppl"]
@@ -51,8 +50,9 @@ def main():
     for ratio in args.ratios:
         for label, knobs in VARIANTS:
             knobs = dict(knobs)
-            if knobs.get("last_layers") == "3/4":
-                knobs["last_layers"] = -(-3 * layers // 4)
+            if "last_layers" in knobs:  # a share of the layers, rounded up
+                share, of = knobs["last_layers"]
+                knobs["last_layers"] = -(-share * layers // of)
             recipe = Recipe(**{"metric": "whitening", **knobs})
             ranks, decided = allocate(shapes, ratio, recipe.allocation, last_layers=recipe.last_layers)
             model = copy.deepcopy(dense)

@@ -148,7 +148,7 @@ def _pivot(points: list[dict], cell) -> list[str]:
 
 def markdown_table(points: list[dict], dense: dict) -> str:
     """For the README: the dense figures in a line, one perplexity table per dataset (methods x
-    target ratios), then the compression wall time per method x ratio."""
+    target ratios), then the achieved ratio and the compression wall time per method x ratio."""
     datasets = dataset_names(points, dense)
     dense_ppl = ", ".join(f"{d} {format_ppl(_ppl(dense, d))}" for d in datasets)
     lines = [f"Dense model: perplexity {dense_ppl}; {dense['params_total']:,} parameters, "
@@ -159,6 +159,8 @@ def markdown_table(points: list[dict], dense: dict) -> str:
     for d in datasets:
         lines += [f"**{d} perplexity** (dense {format_ppl(_ppl(dense, d))})", "",
                   *_pivot(points, lambda p, d=d: format_ppl(_ppl(p, d))), ""]
+    lines += ["**achieved ratio** (parameters removed: decoder linears / whole model)", "",
+              *_pivot(points, lambda p: "{linears:.4f} / {model:.4f}".format(**p["ratio_achieved"])), ""]
     lines += ["**compression wall time (s)**", "",
               *_pivot(points, lambda p: f"{float(p['compress_s']):.1f}")]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,8 @@ from svdcore.ranks import uniform_ranks
 
 CPU = torch.device("cpu")
 STAGES = [("collect-calibration", "collect_calibration"), ("compute-covariances", "compute_covariances"),
-          ("compute-spectra", "compute_spectra"), ("compute-fisher", "compute_fisher"), ("allocate-ranks", "allocate_ranks"), ("truncate-and-update", "truncate_and_update"),
+          ("compute-spectra", "compute_spectra"), ("compute-fisher", "compute_fisher"),
+          ("allocate-ranks", "allocate_ranks"), ("truncate-and-update", "truncate_and_update"),
           ("evaluate-dense", "evaluate_dense"), ("evaluate", "evaluate")]
 
 

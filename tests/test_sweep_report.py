@@ -84,13 +84,14 @@ def test_markdown(tmp_path):
     text = (tmp_path / "sweep.md").read_text()
     assert text == sr.markdown_table(POINTS, DENSE)
     assert "wikitext2 29.97, ptb 44.99; 134,515,008 parameters, 106,168,320" in text
-    wikitext2, ptb, wall = text.split("**")[1::2]
-    assert (wikitext2, ptb, wall) == ("wikitext2 perplexity", "ptb perplexity", "compression wall time (s)")
+    assert text.split("**")[1::2] == ["wikitext2 perplexity", "ptb perplexity", "achieved ratio",
+                                      "compression wall time (s)"]
     tables = [[line for line in block.splitlines() if line.startswith("|")] for block in text.split("**")[2::2]]
     assert tables[0] == ["| method | 0.2 | 0.4 |", "| --- | ---: | ---: |",
                          "| `svd-llm` | 93.77 | 247.60 |", "| `svd` | 3.60e7 | 2.10e7 |", "| `asvd` | 8.33e4 | - |"]
     assert tables[1][3:] == ["| `svd` | inf | nan |", "| `asvd` | 1.90e6 | - |"]
-    assert tables[2][2] == "| `svd-llm` | 17.0 | 21.5 |"
+    assert tables[2][2] == "| `svd-llm` | 0.2010 / 0.1500 | 0.4010 / 0.3000 |"
+    assert tables[3][2] == "| `svd-llm` | 17.0 | 21.5 |"
 
 
 def test_plot_png_is_deterministic(tmp_path):
