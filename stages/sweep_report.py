@@ -1,14 +1,16 @@
-"""sweep report: the points of sweep/params.yaml against the dense model -> table (markdown,
-CSV), ratio-perplexity plot (PNG, and CSVs for `dvc plots`), a summary, one MLflow parent run
-with a child run per point."""
+"""sweep report: the points of sweep/params.yaml (perplexity, and zero-shot accuracy from the
+zero-shot stages) against the dense model -> table (markdown, CSV), ratio-perplexity plot (PNG,
+and CSVs for `dvc plots`), a summary, one MLflow parent run with a child run per point."""
 from pathlib import Path
 
 from svdcore.atomic import read_json, write_json
 from svdcore.methods import Recipe
 from svdcore.params import load as load_params, validate_sweep
 from svdcore.sweep_report import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
+from svdcore.zeroshot import check_same_protocol
 from stages.common import STAGE_METRICS, run
 from stages.sweep_point import point_file
+from stages.sweep_zeroshot import zeroshot_file
 
 SWEEP = Path("sweep")
 RESULTS = SWEEP / "results"
@@ -19,7 +21,12 @@ FROM_SCRATCH = ("collect-calibration", "compute-covariances", "compute-spectra",
 def work(params):
     sweep = load_params(SWEEP / "params.yaml", validate_sweep)
     dense = read_json("metrics/dense.json", "dense baseline")
-    points = [read_json(point_file(m, r), f"sweep point {m}@{r}") for m in sweep["methods"] for r in sweep["ratios"]]
+    cells = [(m, r) for m in sweep["methods"] for r in sweep["ratios"]]
+    scored = [read_json(zeroshot_file(m, r), f"sweep zero-shot point {m}@{r}") for m, r in cells]
+    for z in scored:  # the dense scores sit beside these only if both saw the same items
+        check_same_protocol(dense.get("zeroshot", {}), list(z["zeroshot"]["tasks"]), z["zeroshot"]["limit"])
+    points = [{**read_json(point_file(m, r), f"sweep point {m}@{r}"), "zeroshot": z["zeroshot"]}
+              for (m, r), z in zip(cells, scored)]
     write_csv(points_table(points, dense), RESULTS / "table.csv")
     write_markdown(points, dense, RESULTS / "table.md")
     plot(points, dense, RESULTS / "ratio_ppl.png")
@@ -31,9 +38,11 @@ def work(params):
     write_json(RESULTS / "summary.json", {
         "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
         # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline
-        "sweep_s": round(points_s + fisher_s, 1),
+        "sweep_s": round(points_s + sum(z["wall_s"] for z in scored) + fisher_s, 1),
         "shared_upstream_s": round(sum(upstream.values()), 1),
-        "each_point_from_scratch_s": round(points_s + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s, 1),
+        # a from-scratch run scores zero-shot in its evaluate stage, on the model it has just compressed
+        "each_point_from_scratch_s": round(points_s + sum(z["zeroshot_s"] for z in scored)
+                                           + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s, 1),
     })
     log_sweep(sweep["experiment"], dense, points, sweep,
               [RESULTS / "table.md", RESULTS / "table.csv", RESULTS / "ratio_ppl.png", RESULTS / "summary.json"])

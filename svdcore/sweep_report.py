@@ -7,6 +7,10 @@ Inputs, as the sweep's stages write them:
   "ratio_achieved": {"linears": 0.2001, "model": 0.1498}, "compress_s": 17.0, "evaluate_s": 241.3,
   "params": {...}}``
 - the dense baseline: ``{"ppl": {...}, "params_total": 134515008, "params_linears": 106168320}``
+- optionally, in a point and in the dense baseline, the zero-shot scores of
+  ``svdcore.zeroshot.evaluate_zeroshot``: ``"zeroshot": {"limit": 50, "tasks": {"piqa": {"acc": 0.68,
+  "acc_norm": 0.70, "chance": 0.5, ...}, ...}, "mean": {"acc": ..., "acc_norm": ..., "chance": ...}}``.
+  Without them the tables, plot and runs have no zero-shot part.
 
 The dataset names are those of the ``ppl`` dicts, never assumed. A perplexity may be huge, inf or
 NaN (a collapsed model): the tables print it, the plots leave it out.
@@ -66,6 +70,37 @@ def dataset_names(points: list[dict], dense: dict) -> list[str]:
     return list(dict.fromkeys([*dense["ppl"], *(name for p in points for name in p["ppl"])]))
 
 
+def task_names(points: list[dict], dense: dict) -> list[str]:
+    """Every zero-shot task scored, the dense model's first; [] when nothing was scored."""
+    return list(dict.fromkeys([*dense.get("zeroshot", {}).get("tasks", {}),
+                               *(t for p in points for t in p.get("zeroshot", {}).get("tasks", {}))]))
+
+
+def accuracy(point: dict, task: str, metric: str) -> float:
+    """A zero-shot figure (task "mean" for the mean over tasks); NaN where it was not scored (and
+    for WinoGrande's acc_norm, which lm-eval does not report)."""
+    zeroshot = point.get("zeroshot", {})
+    scores = zeroshot.get("mean", {}) if task == "mean" else zeroshot.get("tasks", {}).get(task, {})
+    return float(scores.get(metric, math.nan))
+
+
+def chance_level(points: list[dict], dense: dict) -> float:
+    """The mean accuracy of a uniform random pick: every model sees the same items, so the first
+    scored one tells it."""
+    return next((c for c in (accuracy(m, "mean", "chance") for m in [dense, *points]) if not math.isnan(c)), math.nan)
+
+
+def _accuracy_columns(points: list[dict], dense: dict) -> list[tuple[str, str, str]]:
+    """(column, task, metric) of the zero-shot figures that some model has: the means first."""
+    tasks = task_names(points, dense)
+    if not tasks:
+        return []
+    models = [dense, *points]
+    columns = [(f"zeroshot_{m}", "mean", m) for m in ("acc", "acc_norm")]
+    return columns + [(f"{m}_{t}", t, m) for t in tasks for m in ("acc", "acc_norm")
+                      if any(not math.isnan(accuracy(p, t, m)) for p in models)]
+
+
 def ordered(points: list[dict]) -> list[dict]:
     """The points by method (first appearance) then ratio; two points at one (method, ratio) are
     a bug upstream (two stage instances writing the same cell), so they raise."""
@@ -86,16 +121,21 @@ def _ppl(point: dict, dataset: str) -> float:
 
 def points_table(points: list[dict], dense: dict) -> list[dict]:
     """Long format, one row per point after a first row for the dense model (ratio 0):
-    method, ratio, ppl_<dataset> per dataset, ratio_linears, ratio_model, compress_s."""
+    method, ratio, ppl_<dataset> per dataset, ratio_linears, ratio_model, compress_s, then where
+    anything was scored zero-shot: zeroshot_acc, zeroshot_acc_norm (the means over tasks) and
+    acc_<task>, acc_norm_<task> (NaN where a model was not scored)."""
     datasets = dataset_names(points, dense)
+    accuracies = _accuracy_columns(points, dense)
     rows = [{"method": DENSE, "ratio": 0.0, **{f"ppl_{d}": _ppl(dense, d) for d in datasets},
-             "ratio_linears": 0.0, "ratio_model": 0.0, "compress_s": 0.0}]
+             "ratio_linears": 0.0, "ratio_model": 0.0, "compress_s": 0.0,
+             **{column: accuracy(dense, t, m) for column, t, m in accuracies}}]
     for p in ordered(points):
         rows.append({"method": p["method"], "ratio": float(p["ratio"]),
                      **{f"ppl_{d}": _ppl(p, d) for d in datasets},
                      "ratio_linears": float(p["ratio_achieved"]["linears"]),
                      "ratio_model": float(p["ratio_achieved"]["model"]),
-                     "compress_s": float(p["compress_s"])})
+                     "compress_s": float(p["compress_s"]),
+                     **{column: accuracy(p, t, m) for column, t, m in accuracies}})
     return rows
 
 
@@ -148,7 +188,8 @@ def _pivot(points: list[dict], cell) -> list[str]:
 
 def markdown_table(points: list[dict], dense: dict) -> str:
     """For the README: the dense figures in a line, one perplexity table per dataset (methods x
-    target ratios), then the achieved ratio and the compression wall time per method x ratio."""
+    target ratios), the mean zero-shot accuracy where there is one, then the achieved ratio and
+    the compression wall time per method x ratio."""
     datasets = dataset_names(points, dense)
     dense_ppl = ", ".join(f"{d} {format_ppl(_ppl(dense, d))}" for d in datasets)
     lines = [f"Dense model: perplexity {dense_ppl}; {dense['params_total']:,} parameters, "
@@ -159,6 +200,16 @@ def markdown_table(points: list[dict], dense: dict) -> str:
     for d in datasets:
         lines += [f"**{d} perplexity** (dense {format_ppl(_ppl(dense, d))})", "",
                   *_pivot(points, lambda p, d=d: format_ppl(_ppl(p, d))), ""]
+    if task_names(points, dense):
+        def pair(p):
+            acc, acc_norm = accuracy(p, "mean", "acc"), accuracy(p, "mean", "acc_norm")
+            return "-" if math.isnan(acc) else f"{acc:.3f} / {acc_norm:.3f}"
+
+        limit = next(m["zeroshot"]["limit"] for m in [dense, *points] if m.get("zeroshot", {}).get("tasks"))
+        items = f"the first {limit} items of each task" if limit else "whole splits"
+        lines += [f"**zero-shot accuracy, mean of {len(task_names(points, dense))} tasks: acc / acc_norm** "
+                  f"(lm-eval, {items}; dense {pair(dense)}, chance {chance_level(points, dense):.3f})", "",
+                  *_pivot(points, pair), ""]
     lines += ["**achieved ratio** (parameters removed: decoder linears / whole model)", "",
               *_pivot(points, lambda p: "{linears:.4f} / {model:.4f}".format(**p["ratio_achieved"])), ""]
     lines += ["**compression wall time (s)**", "",
@@ -172,15 +223,18 @@ def write_markdown(points: list[dict], dense: dict, path) -> None:
 
 def plot(points: list[dict], dense: dict, path) -> None:
     """PNG: perplexity (log scale) against ratio, one subplot per dataset, one line per method,
-    the dense perplexity dashed. Non-finite perplexities are left out (a log axis cannot show
-    them; the tables do). Same input, same bytes: no pyplot state, no timestamp or version in
-    the PNG metadata."""
+    the dense perplexity dashed; where there are zero-shot scores, a last subplot of the mean
+    acc_norm (linear scale, chance dotted). Non-finite perplexities are left out (a log axis
+    cannot show them; the tables do). Same input, same bytes: no pyplot state, no timestamp or
+    version in the PNG metadata."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg, no display, no pyplot
 
     datasets = dataset_names(points, dense)
+    zeroshot = bool(task_names(points, dense))
     points = ordered(points)
-    fig = Figure(figsize=(5 * len(datasets), 4), layout="constrained")
-    for ax, d in zip(fig.subplots(1, len(datasets), squeeze=False)[0], datasets):
+    fig = Figure(figsize=(5 * (len(datasets) + zeroshot), 4), layout="constrained")
+    axes = fig.subplots(1, len(datasets) + zeroshot, squeeze=False)[0]
+    for ax, d in zip(axes, datasets):
         for method in method_names(points):
             finite = [(float(p["ratio"]), _ppl(p, d)) for p in points
                       if p["method"] == method and math.isfinite(_ppl(p, d)) and _ppl(p, d) > 0]
@@ -194,6 +248,23 @@ def plot(points: list[dict], dense: dict, path) -> None:
         ax.set_xlabel("fraction of decoder-linear parameters removed")
         ax.set_ylabel("perplexity")
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    if zeroshot:
+        ax = axes[-1]
+        for method in method_names(points):
+            scored = [(float(p["ratio"]), accuracy(p, "mean", "acc_norm")) for p in points
+                      if p["method"] == method and not math.isnan(accuracy(p, "mean", "acc_norm"))]
+            ax.plot([r for r, _ in scored], [v for _, v in scored], marker="o", label=method)
+        levels = {DENSE: (accuracy(dense, "mean", "acc_norm"), "--"),
+                  "chance": (chance_level(points, dense), ":")}
+        for label, (level, style) in levels.items():
+            if not math.isnan(level):
+                ax.axhline(level, color="black", linestyle=style, linewidth=1, label=label)
+        ax.set_xticks(sorted({float(p["ratio"]) for p in points}))
+        ax.set_title("zero-shot, mean of the tasks")
+        ax.set_xlabel("fraction of decoder-linear parameters removed")
+        ax.set_ylabel("acc_norm")
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
         # the temporary's name ends in .tmp: the format must be named
@@ -230,7 +301,8 @@ def log_sweep(experiment: str, dense: dict, points: list[dict], sweep_params: di
     """One parent run "sweep" (params: sweep_params flattened; metrics: the dense figures;
     artifacts: the files or directories given) and one nested run per point, named
     `<method>@<ratio>` (params: the point's params and recipe flattened; metrics: ppl.<dataset>,
-    ratio_achieved.linears/.model, compress_s, evaluate_s; tags method and ratio). Returns the
+    ratio_achieved.linears/.model, compress_s, evaluate_s, and zeroshot.mean.acc,
+    zeroshot.tasks.<task>.acc... where it was scored; tags method and ratio). Returns the
     parent's run id."""
     import mlflow
 
@@ -252,6 +324,7 @@ def log_sweep(experiment: str, dense: dict, points: list[dict], sweep_params: di
                 mlflow.log_params({k: str(v) for k, v in
                                    {**flatten(p["params"]), **flatten(p["recipe"], "recipe.")}.items()})
                 mlflow.log_metrics(numeric_metrics({"ppl": p["ppl"], "ratio_achieved": p["ratio_achieved"],
-                                             "compress_s": p["compress_s"], "evaluate_s": p["evaluate_s"]}))
+                                                    "compress_s": p["compress_s"], "evaluate_s": p["evaluate_s"],
+                                                    "zeroshot": p.get("zeroshot", {})}))
                 mlflow.set_tags({**tags, "method": p["method"], "ratio": f"{float(p['ratio']):g}"})
     return parent.info.run_id

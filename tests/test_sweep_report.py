@@ -195,3 +195,59 @@ def test_log_sweep_refuses_missing_artifacts(mlflow_store, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.md"):
         sr.log_sweep("sweep-test", DENSE, POINTS, {}, artifacts=[tmp_path / "nowhere.md"])
     assert not (mlflow_store / "mlflow.db").exists()  # refused before any run was opened
+
+
+def scores(acc, acc_norm, winogrande=0.5, limit=50):
+    """A zero-shot block as evaluate_zeroshot writes it: piqa with both metrics, winogrande with acc only."""
+    tasks = {"piqa": {"acc": acc, "acc_norm": acc_norm, "chance": 0.5},
+             "winogrande": {"acc": winogrande, "chance": 0.5}}
+    return {"limit": limit, "tasks": tasks,
+            "mean": {"acc": (acc + winogrande) / 2, "acc_norm": (acc_norm + winogrande) / 2, "chance": 0.5}}
+
+
+SCORED_DENSE = {**DENSE, "zeroshot": scores(0.68, 0.70)}
+# asvd@0.2 was not scored: its cells are NaN and "-"
+SCORED = [{**p, "zeroshot": scores(0.6 - p["ratio"] / 4, 0.62 - p["ratio"] / 4)} if p["method"] != "asvd" else p
+          for p in POINTS]
+
+
+def test_zeroshot_columns():
+    rows = sr.points_table(SCORED, SCORED_DENSE)
+    accuracy_columns = list(rows[0])[7:]
+    # winogrande has no acc_norm anywhere, so no column for it
+    assert accuracy_columns == ["zeroshot_acc", "zeroshot_acc_norm", "acc_piqa", "acc_norm_piqa", "acc_winogrande"]
+    assert rows[0]["acc_norm_piqa"] == 0.70 and rows[0]["zeroshot_acc"] == pytest.approx(0.59)
+    assert rows[2]["acc_piqa"] == pytest.approx(0.5)  # svd-llm at 0.4
+    assert all(math.isnan(v) for k, v in rows[-1].items() if k in accuracy_columns)  # asvd, unscored
+    assert not any(k.startswith(("acc", "zeroshot")) for k in sr.points_table(POINTS, DENSE)[0])
+
+
+def test_zeroshot_in_markdown():
+    text = sr.markdown_table(SCORED, SCORED_DENSE)
+    title = "zero-shot accuracy, mean of 2 tasks: acc / acc_norm"
+    assert text.split("**")[1::2][2] == title
+    after = text.split(f"**{title}**")[1]
+    assert after.startswith(" (lm-eval, the first 50 items of each task; dense 0.590 / 0.600, chance 0.500)")
+    table = [line for line in after.split("**")[0].splitlines() if line.startswith("|")]
+    assert table[2:] == ["| `svd-llm` | 0.525 / 0.535 | 0.500 / 0.510 |",
+                         "| `svd` | 0.525 / 0.535 | 0.500 / 0.510 |", "| `asvd` | - | - |"]
+    assert "zero-shot" not in sr.markdown_table(POINTS, DENSE)
+
+
+def test_zeroshot_panel_in_the_plot(tmp_path):
+    sr.plot(POINTS, DENSE, tmp_path / "ppl.png")
+    sr.plot(SCORED, SCORED_DENSE, tmp_path / "both.png")
+    width = lambda png: int.from_bytes(png[16:20], "big")  # the IHDR chunk
+    assert width((tmp_path / "both.png").read_bytes()) == width((tmp_path / "ppl.png").read_bytes()) * 3 // 2
+
+
+def test_log_sweep_with_zeroshot(mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    parent_id = sr.log_sweep("sweep-test", SCORED_DENSE, SCORED, {})
+    client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    assert client.get_run(parent_id).data.metrics["dense.zeroshot.tasks.piqa.acc_norm"] == 0.70
+    runs = {r.info.run_name: r.data.metrics for r in client.search_runs([client.get_run(parent_id).info.experiment_id])}
+    assert runs["svd-llm@0.4"]["zeroshot.mean.acc"] == pytest.approx(0.5)
+    assert runs["svd-llm@0.4"]["zeroshot.tasks.winogrande.acc"] == 0.5
+    assert not any(k.startswith("zeroshot") for k in runs["asvd@0.2"])
