@@ -21,12 +21,15 @@ FROM_SCRATCH = ("collect-calibration", "compute-covariances", "compute-spectra",
 def work(params):
     sweep = load_params(SWEEP / "params.yaml", validate_sweep)
     dense = read_json("metrics/dense.json", "dense baseline")
-    cells = [(m, r) for m in sweep["methods"] for r in sweep["ratios"]]
-    scored = [read_json(zeroshot_file(m, r), f"sweep zero-shot point {m}@{r}") for m, r in cells]
-    for z in scored:  # the dense scores sit beside these only if both saw the same items
+    scored = {(m, r): read_json(zeroshot_file(m, r), f"sweep zero-shot point {m}@{r}")
+              for m in sweep["zeroshot_methods"] for r in sweep["ratios"]}
+    for z in scored.values():  # the dense scores sit beside these only if both saw the same items
         check_same_protocol(dense.get("zeroshot", {}), list(z["zeroshot"]["tasks"]), z["zeroshot"]["limit"])
-    points = [{**read_json(point_file(m, r), f"sweep point {m}@{r}"), "zeroshot": z["zeroshot"]}
-              for (m, r), z in zip(cells, scored)]
+    points = []
+    for m in sweep["methods"]:
+        for r in sweep["ratios"]:
+            point = read_json(point_file(m, r), f"sweep point {m}@{r}")
+            points.append({**point, "zeroshot": scored[m, r]["zeroshot"]} if (m, r) in scored else point)
     write_csv(points_table(points, dense), RESULTS / "table.csv")
     write_markdown(points, dense, RESULTS / "table.md")
     plot(points, dense, RESULTS / "ratio_ppl.png")
@@ -38,10 +41,10 @@ def work(params):
     write_json(RESULTS / "summary.json", {
         "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
         # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline
-        "sweep_s": round(points_s + sum(z["wall_s"] for z in scored) + fisher_s, 1),
+        "sweep_s": round(points_s + sum(z["wall_s"] for z in scored.values()) + fisher_s, 1),
         "shared_upstream_s": round(sum(upstream.values()), 1),
         # a from-scratch run scores zero-shot in its evaluate stage, on the model it has just compressed
-        "each_point_from_scratch_s": round(points_s + sum(z["zeroshot_s"] for z in scored)
+        "each_point_from_scratch_s": round(points_s + sum(z["zeroshot_s"] for z in scored.values())
                                            + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s, 1),
     })
     log_sweep(sweep["experiment"], dense, points, sweep,

@@ -154,10 +154,15 @@ def sweep_compress(compress: dict, method: str, ratio) -> dict:
 
 
 def validate_sweep(sweep: dict) -> None:
-    """sweep/params.yaml: methods (sweep_compress), ratios in (0, 1), the MLflow experiment."""
-    validate(sweep, {"methods": _text_list, "ratios": _ratio_list, "experiment": _text}, "sweep ")
+    """sweep/params.yaml: methods (sweep_compress), ratios in (0, 1), the methods also scored
+    zero-shot (some of the methods), the MLflow experiment."""
+    validate(sweep, {"methods": _text_list, "ratios": _ratio_list, "zeroshot_methods": _text_list,
+                     "experiment": _text}, "sweep ")
     for method in sweep["methods"]:
         sweep_compress({}, method, sweep["ratios"][0])
+    stray = [m for m in sweep["zeroshot_methods"] if m not in sweep["methods"]]
+    if stray:
+        raise UserError(f"sweep: zeroshot_methods must be some of methods {sweep['methods']}, got {stray}")
     if len(set(sweep["methods"])) < len(sweep["methods"]) or len(set(sweep["ratios"])) < len(sweep["ratios"]):
         raise UserError(f"sweep: methods and ratios must not repeat, got {sweep['methods']} x {sweep['ratios']}")
 

@@ -4,6 +4,7 @@ zero-shot stages."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import dvc_repo, set_params, sh
@@ -23,12 +24,12 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, tiny_model_dir):
     import mlflow
 
     work, env, dvc = dvc_repo(tmp_path / "repo", tiny_model_dir)
-    set_sweep(work, methods=["fwsvd", "svd-llm-v2", "ressvd"], ratios=[0.2])
+    set_sweep(work, methods=["fwsvd", "svd-llm-v2", "ressvd"], ratios=[0.2], zeroshot_methods=["fwsvd", "ressvd"])
     first = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
     assert "Running stage 'compute-covariances'" in first  # the main pipeline's statistics, upstream
     assert "Running stage 'evaluate'" not in first  # but not its compressed model
     assert first.count("Running stage 'sweep/dvc.yaml:point@") == 3
-    assert first.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 3
+    assert first.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 2
     points = {p.name: json.loads(p.read_text()) for p in (work / "sweep/points").glob("*.json")}
     assert sorted(points) == ["fwsvd@0.2.json", "ressvd@0.2.json", "svd-llm-v2@0.2.json"]
     for name, p in points.items():
@@ -54,14 +55,14 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, tiny_model_dir):
     parents = runs[runs["tags.mlflow.runName"] == "sweep"]
     assert len(parents) == 1 and len(runs) == 4
     assert set(runs["tags.mlflow.parentRunId"].dropna()) == {parents["run_id"].iloc[0]}
-    assert runs["metrics.zeroshot.mean.acc"].notna().sum() == 3  # the children
+    assert runs["metrics.zeroshot.mean.acc"].notna().sum() == 2  # the children scored zero-shot
 
     set_sweep(work, ratios=[0.2, 0.4])
     set_params(work, zeroshot__limit=1)
     second = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
     assert second.count("Running stage 'sweep/dvc.yaml:point@") == 3  # the new ratio, every method
     assert "Running stage 'sweep/dvc.yaml:point@ressvd-0.4'" in second
-    assert second.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 6  # the new limit: every zero-shot stage
+    assert second.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 4  # the new limit: every zero-shot stage
     assert "Running stage 'evaluate-dense'" in second  # and the dense scores, which the report checks
     assert "first 1 items" in (work / "sweep/results/table.md").read_text()
     assert "Running stage 'sweep/dvc.yaml:report'" in second
@@ -74,3 +75,17 @@ def test_sweep_plots_name_every_method_of_the_sweep_params():
     datasets = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["datasets"]
     defined = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["plots"]
     assert defined == dvc_plots_definition(sweep["methods"], datasets, "plots")
+
+
+def test_sweep_params_are_checked():
+    from svdcore.errors import UserError
+    from svdcore.params import validate_sweep
+
+    sweep = yaml.safe_load((ROOT / "sweep/params.yaml").read_text())
+    validate_sweep(sweep)  # the shipped file
+    with pytest.raises(UserError, match=r"zeroshot_methods must be some of methods .*\['ressvd'\]"):
+        validate_sweep({**sweep, "methods": ["svd", "svd-llm"], "zeroshot_methods": ["svd-llm", "ressvd"]})
+    with pytest.raises(UserError, match="must not repeat"):
+        validate_sweep({**sweep, "ratios": [0.2, 0.2]})
+    with pytest.raises(UserError, match="zeroshot_methods"):
+        validate_sweep({k: v for k, v in sweep.items() if k != "zeroshot_methods"})
