@@ -200,14 +200,15 @@ def markdown_table(points: list[dict], dense: dict) -> str:
     for d in datasets:
         lines += [f"**{d} perplexity** (dense {format_ppl(_ppl(dense, d))})", "",
                   *_pivot(points, lambda p, d=d: format_ppl(_ppl(p, d))), ""]
-    if task_names(points, dense):
+    tasks = task_names(points, dense)
+    if tasks:
         def pair(p):
             acc, acc_norm = accuracy(p, "mean", "acc"), accuracy(p, "mean", "acc_norm")
             return "-" if math.isnan(acc) else f"{acc:.3f} / {acc_norm:.3f}"
 
         limit = next(m["zeroshot"]["limit"] for m in [dense, *points] if m.get("zeroshot", {}).get("tasks"))
         items = f"the first {limit} items of each task" if limit else "whole splits"
-        lines += [f"**zero-shot accuracy, mean of {len(task_names(points, dense))} tasks: acc / acc_norm** "
+        lines += [f"**zero-shot accuracy, mean of {len(tasks)} tasks: acc / acc_norm** "
                   f"(lm-eval, {items}; dense {pair(dense)}, chance {chance_level(points, dense):.3f})", "",
                   *_pivot(points, pair), ""]
     lines += ["**achieved ratio** (parameters removed: decoder linears / whole model)", "",
@@ -235,40 +236,37 @@ def plot(points: list[dict], dense: dict, path) -> None:
     fig = Figure(figsize=(5 * (len(datasets) + zeroshot), 4), layout="constrained")
     axes = fig.subplots(1, len(datasets) + zeroshot, squeeze=False)[0]
     for ax, d in zip(axes, datasets):
-        for method in method_names(points):
-            finite = [(float(p["ratio"]), _ppl(p, d)) for p in points
-                      if p["method"] == method and math.isfinite(_ppl(p, d)) and _ppl(p, d) > 0]
-            # a method with nothing finite keeps its legend entry, so its absence is visible
-            ax.plot([r for r, _ in finite], [v for _, v in finite], marker="o", label=method)
-        if math.isfinite(_ppl(dense, d)):
-            ax.axhline(_ppl(dense, d), color="black", linestyle="--", linewidth=1, label=DENSE)
-        ax.set_yscale("log")
-        ax.set_xticks(sorted({float(p["ratio"]) for p in points}))
-        ax.set_title(d)
-        ax.set_xlabel("fraction of decoder-linear parameters removed")
-        ax.set_ylabel("perplexity")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        _panel(ax, points, lambda p, d=d: _ppl(p, d), {DENSE: (_ppl(dense, d), "--")}, d, "perplexity", log=True)
     if zeroshot:
-        ax = axes[-1]
-        for method in method_names(points):
-            scored = [(float(p["ratio"]), accuracy(p, "mean", "acc_norm")) for p in points
-                      if p["method"] == method and not math.isnan(accuracy(p, "mean", "acc_norm"))]
-            ax.plot([r for r, _ in scored], [v for _, v in scored], marker="o", label=method)
-        levels = {DENSE: (accuracy(dense, "mean", "acc_norm"), "--"),
-                  "chance": (chance_level(points, dense), ":")}
-        for label, (level, style) in levels.items():
-            if not math.isnan(level):
-                ax.axhline(level, color="black", linestyle=style, linewidth=1, label=label)
-        ax.set_xticks(sorted({float(p["ratio"]) for p in points}))
-        ax.set_title("zero-shot, mean of the tasks")
-        ax.set_xlabel("fraction of decoder-linear parameters removed")
-        ax.set_ylabel("acc_norm")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        mean_acc_norm = lambda p: accuracy(p, "mean", "acc_norm")
+        _panel(axes[-1], points, mean_acc_norm,
+               {DENSE: (mean_acc_norm(dense), "--"), "chance": (chance_level(points, dense), ":")},
+               "zero-shot, mean of the tasks", "acc_norm", log=False)
     with atomic_path(path) as tmp:
         # the temporary's name ends in .tmp: the format must be named
         fig.savefig(tmp, format="png", dpi=PNG_DPI, metadata={"Software": None})
+
+
+def _panel(ax, points: list[dict], value, levels: dict, title: str, ylabel: str, log: bool) -> None:
+    """One subplot of `plot`: value(point) against ratio, one line per method, leaving out the
+    points whose value is not finite (or not positive, on a log axis); `levels` {label: (y,
+    linestyle)} are black horizontal lines, drawn where y is finite."""
+    for method in method_names(points):
+        kept = [(float(p["ratio"]), value(p)) for p in points
+                if p["method"] == method and math.isfinite(value(p)) and (value(p) > 0 or not log)]
+        # a method with nothing kept keeps its legend entry, so its absence is visible
+        ax.plot([r for r, _ in kept], [v for _, v in kept], marker="o", label=method)
+    for label, (level, style) in levels.items():
+        if math.isfinite(level):
+            ax.axhline(level, color="black", linestyle=style, linewidth=1, label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(sorted({float(p["ratio"]) for p in points}))
+    ax.set_title(title)
+    ax.set_xlabel("fraction of decoder-linear parameters removed")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both" if log else "major", alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def dvc_plots_definition(methods: list[str], datasets: list[str], out_dir) -> list[dict]:
