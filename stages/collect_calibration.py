@@ -1,8 +1,9 @@
-"""collect-calibration: random token windows of the calibration dataset."""
+"""collect-calibration: random windows of the calibration dataset (calibration.sampler)."""
 from safetensors.torch import save_file
 
 from svdcore.atomic import atomic_path
-from svdcore.data import load_text, random_windows, tokenize
+from svdcore.calibration import calibration_windows
+from svdcore.data import load_text, tokenize
 from svdcore.model import check_seqlen, load_config, load_tokenizer
 from stages.common import run
 
@@ -13,11 +14,11 @@ def work(params):
     cal = params["calibration"]
     check_seqlen(load_config(params["model"]["name"]), cal["seqlen"], "calibration.seqlen")
     tokenizer = load_tokenizer(params["model"]["name"])
-    ids = tokenize(tokenizer, load_text(cal["dataset"]))
-    windows = random_windows(ids, cal["samples"], cal["seqlen"], cal["seed"])
+    text = load_text(cal["dataset"])
+    windows = calibration_windows(tokenizer, text, cal["sampler"], cal["samples"], cal["seqlen"], cal["seed"])
     with atomic_path(OUT) as tmp:
         save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"dataset": cal["dataset"]})
-    return {"dataset_tokens": ids.numel()}
+    return {"dataset_tokens": tokenize(tokenizer, text).numel()}
 
 
 if __name__ == "__main__":

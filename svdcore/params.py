@@ -4,6 +4,7 @@ Each check names the key, the value and what is allowed, so a user error is one 
 """
 from pathlib import Path
 
+from .calibration import SAMPLERS
 from .errors import UserError
 from .decompose import ROUTES
 from .methods import ALLOCATIONS, METRICS, PRESETS
@@ -107,7 +108,8 @@ def _prompt_list(key, v):
 SCHEMA = {
     "device": _device,
     "model": {"name": _text, "dtype": _choice(DTYPES)},
-    "calibration": {"dataset": _text, "samples": _int(1), "seqlen": _int(8), "seed": _int(0)},
+    "calibration": {"dataset": _text, "sampler": _choice(SAMPLERS), "samples": _int(1), "seqlen": _int(8),
+                    "seed": _int(0)},
     "covariances": {"batch_size": _int(1), "offload_activations": _flag},
     "compress": {"ratio": _ratio, "method": _choice(METHODS), "metric": _optional(_choice(METRICS), "the method's own"),
                  "alpha": _exponent, "update": _flag,

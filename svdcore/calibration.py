@@ -1,0 +1,49 @@
+"""Calibration windows: which `samples x seqlen` tokens the statistics pass sees.
+
+Two samplers, both deterministic for a seed:
+- `tokens` (the default): tokenize the whole text once, cut windows at random token offsets.
+- `chars`: the sampler of the official SVD-LLM code. Pick a random character offset in the text
+  (Python's `random`, seeded), tokenize the next `10 * seqlen` characters on their own, keep the
+  first `seqlen` tokens; a slice that yields fewer is skipped. Its windows start wherever the
+  offset falls, often inside a word. With the same text and seed it draws the same windows as
+  that code, which is how its published figures can be reproduced here (README, Results).
+"""
+import random
+
+import torch
+
+from .data import random_windows, tokenize
+from .errors import UserError
+
+SAMPLERS = ("tokens", "chars")
+CHARS_PER_TOKEN_SLICE = 10  # the official slice: 10 characters per wanted token
+MAX_SKIPS_PER_WINDOW = 100  # a text that keeps giving short slices is too short for seqlen
+
+
+def char_offset_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """SVD-LLM's sampler (see the module docstring): `samples` windows of `seqlen` tokens."""
+    if len(text) <= seqlen + 1:
+        raise UserError(f"calibration.seqlen: {seqlen} tokens asked for, but the text has only {len(text)} characters")
+    rng = random.Random(seed)
+    windows, skipped = [], 0
+    while len(windows) < samples:
+        start = rng.randint(0, len(text) - seqlen - 1)
+        ids = tokenizer(text[start:start + CHARS_PER_TOKEN_SLICE * seqlen], return_attention_mask=False,
+                        verbose=False)["input_ids"]
+        if len(ids) >= seqlen:
+            windows.append(torch.tensor(ids[:seqlen], dtype=torch.long))
+            continue
+        skipped += 1
+        if skipped > MAX_SKIPS_PER_WINDOW * samples:
+            raise UserError(f"calibration.seqlen: {skipped} random slices of the text gave fewer than {seqlen} "
+                            f"tokens; the text is too short for the chars sampler (use sampler tokens)")
+    return torch.stack(windows)
+
+
+def calibration_windows(tokenizer, text: str, sampler: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The calibration windows (samples x seqlen token ids) drawn by `sampler` (SAMPLERS)."""
+    if sampler == "tokens":
+        return random_windows(tokenize(tokenizer, text), samples, seqlen, seed)
+    if sampler == "chars":
+        return char_offset_windows(tokenizer, text, samples, seqlen, seed)
+    raise UserError(f"calibration.sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
