@@ -15,10 +15,11 @@ def work(params):
     check_seqlen(load_config(params["model"]["name"]), cal["seqlen"], "calibration.seqlen")
     tokenizer = load_tokenizer(params["model"]["name"])
     text = load_text(cal["dataset"])
-    windows = calibration_windows(tokenizer, text, cal["sampler"], cal["samples"], cal["seqlen"], cal["seed"])
+    ids = tokenize(tokenizer, text)
+    windows = calibration_windows(tokenizer, text, cal["sampler"], cal["samples"], cal["seqlen"], cal["seed"], ids)
     with atomic_path(OUT) as tmp:
         save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"dataset": cal["dataset"]})
-    return {"dataset_tokens": tokenize(tokenizer, text).numel()}
+    return {"dataset_tokens": ids.numel()}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Two samplers, both deterministic for a seed:
 - `chars`: the sampler of the official SVD-LLM code. Pick a random character offset in the text
   (Python's `random`, seeded), tokenize the next `10 * seqlen` characters on their own, keep the
   first `seqlen` tokens; a slice that yields fewer is skipped. Its windows start wherever the
-  offset falls, often inside a word. With the same text and seed it draws the same windows as
-  that code, which is how its published figures can be reproduced here (README, Results).
+  offset falls, often inside a word. On the default model and text, seed 3 draws windows that
+  reproduce the figures the official code measured here (README, Results).
 """
 import random
 
@@ -22,7 +22,7 @@ MAX_SKIPS_PER_WINDOW = 100  # a text that keeps giving short slices is too short
 
 def char_offset_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """SVD-LLM's sampler (see the module docstring): `samples` windows of `seqlen` tokens."""
-    if len(text) <= seqlen + 1:
+    if len(text) <= seqlen:  # randint below needs len(text) - seqlen - 1 >= 0
         raise UserError(f"calibration.seqlen: {seqlen} tokens asked for, but the text has only {len(text)} characters")
     rng = random.Random(seed)
     windows, skipped = [], 0
@@ -40,10 +40,12 @@ def char_offset_windows(tokenizer, text: str, samples: int, seqlen: int, seed: i
     return torch.stack(windows)
 
 
-def calibration_windows(tokenizer, text: str, sampler: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """The calibration windows (samples x seqlen token ids) drawn by `sampler` (SAMPLERS)."""
+def calibration_windows(tokenizer, text: str, sampler: str, samples: int, seqlen: int, seed: int,
+                        ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The calibration windows (samples x seqlen token ids) drawn by `sampler` (SAMPLERS).
+    `ids`: the whole text tokenized, when the caller has it already (the `tokens` sampler needs it)."""
     if sampler == "tokens":
-        return random_windows(tokenize(tokenizer, text), samples, seqlen, seed)
+        return random_windows(tokenize(tokenizer, text) if ids is None else ids, samples, seqlen, seed)
     if sampler == "chars":
         return char_offset_windows(tokenizer, text, samples, seqlen, seed)
     raise UserError(f"calibration.sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")

@@ -60,6 +60,9 @@ def test_char_windows_refuse_a_text_too_short_for_the_window():
 def test_the_token_sampler_is_random_windows_of_the_tokenized_text():
     a = calibration_windows(char_tokenizer, TEXT, "tokens", 5, 32, 0)
     assert torch.equal(a, random_windows(tokenize(char_tokenizer, TEXT), 5, 32, 0))
+    given = torch.arange(1000, 1200)  # ids the caller already has are used as they are
+    assert torch.equal(calibration_windows(char_tokenizer, TEXT, "tokens", 5, 32, 0, given),
+                       random_windows(given, 5, 32, 0))
     b = calibration_windows(char_tokenizer, TEXT, "chars", 5, 32, 0)
     assert torch.equal(b, char_offset_windows(char_tokenizer, TEXT, 5, 32, 0)) and not torch.equal(a, b)
     with pytest.raises(UserError, match=r"^calibration.sampler: expected one of tokens, chars, got 'bytes'$"):
