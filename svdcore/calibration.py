@@ -28,10 +28,9 @@ def char_offset_windows(tokenizer, text: str, samples: int, seqlen: int, seed: i
     windows, skipped = [], 0
     while len(windows) < samples:
         start = rng.randint(0, len(text) - seqlen - 1)
-        ids = tokenizer(text[start:start + CHARS_PER_TOKEN_SLICE * seqlen], return_attention_mask=False,
-                        verbose=False)["input_ids"]
-        if len(ids) >= seqlen:
-            windows.append(torch.tensor(ids[:seqlen], dtype=torch.long))
+        ids = tokenize(tokenizer, text[start:start + CHARS_PER_TOKEN_SLICE * seqlen])
+        if ids.numel() >= seqlen:
+            windows.append(ids[:seqlen])
             continue
         skipped += 1
         if skipped > MAX_SKIPS_PER_WINDOW * samples:
