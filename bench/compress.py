@@ -68,7 +68,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="svdcore-bench-") as stats_dir, sections.active():
         start = time.perf_counter()
         if args.mode == "pipeline":
-            collect_grams(model, windows, args.batch_size, device, lambda i, s: lambda: save_layer(stats_dir, i, s),
+            collect_grams(model, windows, args.batch_size, device, lambda i, s: save_layer(stats_dir, i, s),
                           offload=args.offload)
             statistics_s = time.perf_counter() - start
             report = compress_model(model, ranks, "svd-llm", stats_dir, device, route=args.route)

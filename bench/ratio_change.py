@@ -24,7 +24,8 @@ import yaml
 from bench.common import table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
+STAGES = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
+          "allocate-ranks",
           "truncate-and-update", "evaluate-dense", "evaluate")
 
 

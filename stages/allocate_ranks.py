@@ -1,8 +1,10 @@
 """allocate-ranks: compress.ratio -> a rank per decoder linear, by the method's allocation
-strategy (uniform, v2 from the whitened spectra, last-k), rounded to compress.rank_multiple."""
+strategy (uniform, v2 from the whitened spectra, last-k, sensitivity from the component costs),
+rounded to compress.rank_multiple."""
 from svdcore.atomic import read_json, write_json
 from svdcore.methods import recipe_from_params
 from svdcore.ranks import allocate, parameter_count
+from svdcore.sensitivity import load_costs
 from svdcore.spectra import load_spectra
 from stages.common import run
 
@@ -22,8 +24,9 @@ def work(params):
     recipe = recipe_from_params(compress)
     shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
     spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
+    costs = load_costs("artifacts/sensitivity.safetensors") if recipe.allocation == "sensitivity" else None
     ranks, decided = allocate(shapes, compress["ratio"], recipe.allocation, spectra, recipe.last_layers,
-                              compress["rank_multiple"])
+                              compress["rank_multiple"], costs)
     write_json(OUT, allocation_record(shapes, ranks, decided, compress, recipe.allocation))
     return {}
 

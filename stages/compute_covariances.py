@@ -1,4 +1,6 @@
 """compute-covariances: one streamed pass of the original model, a Gram per linear input."""
+from concurrent.futures import ThreadPoolExecutor
+
 from svdcore.atomic import atomic_path, write_json
 from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.errors import UserError
@@ -19,11 +21,18 @@ def work(params):
         raise UserError(f"calibration: token id {int(windows.max())} in artifacts/calibration.safetensors is outside "
                         f"the model's vocabulary ({vocab}); the windows were made with another tokenizer, "
                         f"rerun collect-calibration")
-    with atomic_path(STATS, is_dir=True) as tmp:
-        cov = params["covariances"]
-        # deferred: on a GPU each layer's write overlaps the next layer's forward pass
-        collect_grams(model, windows, cov["batch_size"], device,
-                      lambda index, stats: lambda: save_layer(tmp, index, stats), offload=cov["offload_activations"])
+    cov = params["covariances"]
+    with atomic_path(STATS, is_dir=True) as tmp, ThreadPoolExecutor(1) as writer:
+        pending = []
+
+        def save(index, stats):  # written by a worker while the next layer runs; one write in flight at most
+            while pending:
+                pending.pop().result()
+            pending.append(writer.submit(save_layer, tmp, index, stats))
+
+        collect_grams(model, windows, cov["batch_size"], device, save, offload=cov["offload_activations"])
+        for job in pending:
+            job.result()
     write_json(LINEARS, {"shapes": linear_shapes(model), "tokens": windows.numel()})
     return {"device": str(device), "tokens": windows.numel()}
 

@@ -15,7 +15,8 @@ from stages.truncate_and_update import MODEL_DIR, REPORT
 OUT = "metrics/evaluate.json"
 SAMPLES = "metrics/samples.json"
 DENSE_SAMPLES = "metrics/dense-samples.json"
-UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "allocate-ranks",
+UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
+            "allocate-ranks",
             "truncate-and-update", "evaluate-dense")
 
 

@@ -17,11 +17,13 @@ from svdcore.methods import recipe_from_params
 from svdcore.model import count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
 from svdcore.params import sweep_compress
 from svdcore.ranks import allocate
+from svdcore.sensitivity import load_costs
 from svdcore.spectra import load_spectra
 from stages.common import STARTED, peak_memory, run
 from stages.io import load_calibration
 
 FISHER = "sweep/artifacts/fisher.safetensors"
+SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
 
 
 def point_file(method: str, ratio: float) -> str:
@@ -38,13 +40,15 @@ def compress_point(params, method: str, ratio: float):
     recipe = recipe_from_params(compress)
     shapes = read_json("artifacts/linears.json", "linear shapes")["shapes"]
     spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
-    ranks, decided = allocate(shapes, ratio, recipe.allocation, spectra, recipe.last_layers, compress["rank_multiple"])
+    costs = load_costs(SENSITIVITY) if recipe.allocation == "sensitivity" else None
+    ranks, decided = allocate(shapes, ratio, recipe.allocation, spectra, recipe.last_layers, compress["rank_multiple"],
+                              costs)
     model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     if linear_shapes(model) != shapes:
         raise UserError("sweep: artifacts/linears.json was made for another model; rerun the main pipeline (dvc repro)")
     dense_linears, dense_total = linear_parameters(model), count_parameters(model)
     fisher = load_fisher(FISHER, model) if recipe.needs_fisher else None
-    windows = load_calibration() if recipe.update else None
+    windows = load_calibration() if recipe.needs_windows else None
     cov = params["covariances"]
     start = time.perf_counter()
     compress_model(model, ranks, recipe, "artifacts/stats", device, windows, cov["batch_size"],

@@ -35,17 +35,20 @@ def work(params):
     plot(points, dense, RESULTS / "ratio_ppl.png")
     plot_data(points, SWEEP / "plots")
     fisher_s = read_json(SWEEP / "timings/compute-fisher.json", "sweep Fisher timings")["wall_s"]
+    sensitivity_s = read_json(SWEEP / "timings/compute-sensitivity.json", "sweep sensitivity timings")["wall_s"]
     upstream = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings")["wall_s"] for name in FROM_SCRATCH}
     points_s = sum(p["wall_s"] for p in points)
     fwsvd_points = sum(Recipe(**p["recipe"]).needs_fisher for p in points)
+    sensitivity_points = sum(Recipe(**p["recipe"]).allocation == "sensitivity" for p in points)
     write_json(RESULTS / "summary.json", {
         "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
         # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline
-        "sweep_s": round(points_s + sum(z["wall_s"] for z in scored.values()) + fisher_s, 1),
+        "sweep_s": round(points_s + sum(z["wall_s"] for z in scored.values()) + fisher_s + sensitivity_s, 1),
         "shared_upstream_s": round(sum(upstream.values()), 1),
         # a from-scratch run scores zero-shot in its evaluate stage, on the model it has just compressed
         "each_point_from_scratch_s": round(points_s + sum(z["zeroshot_s"] for z in scored.values())
-                                           + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s, 1),
+                                           + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s
+                                           + sensitivity_points * sensitivity_s, 1),
     })
     log_sweep(sweep["experiment"], dense, points, sweep,
               [RESULTS / "table.md", RESULTS / "table.csv", RESULTS / "ratio_ppl.png", RESULTS / "summary.json"])

@@ -32,7 +32,7 @@ def work(params):
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError("ranks: artifacts/ranks.json was made for other linears than this model's; "
                         "rerun compute-covariances and allocate-ranks")
-    windows = load_calibration() if recipe.update else None
+    windows = load_calibration() if recipe.needs_windows else None
     fisher = load_fisher(FISHER, model) if recipe.needs_fisher else None
     cov = params["covariances"]
     report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device, windows, cov["batch_size"],

@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .gram import GramAccumulator
-from .model import layer_linears, named_linears
+from .model import named_linears
 from .modeling_svdcore import linear_shape
-from .streaming import run_layers
 from .timing import section
 
 
@@ -41,72 +39,12 @@ def layer_file(stats_dir, index: int) -> Path:
 
 def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer,
                   offload: bool = False) -> None:
-    """Stream the model and call `on_layer(index, LayerStats)` for every layer (`offload`: keep
-    the activations in pinned CPU memory between layers). `on_layer` may return a callable: on a
-    GPU it then runs in a worker thread while the next layer computes."""
+    """The statistics pass: stream the model and call `on_layer(index, LayerStats)` for every
+    layer (`offload`: keep the activations in pinned CPU memory between layers). It is the layer
+    loop of svdcore.compress with nothing to compress."""
+    from .compress import compress_model
 
-    def visit(index, layer):
-        linears = layer_linears(layer)
-        if not linears:
-            raise UserError(f"model: decoder layer {index} ({type(layer).__name__}) has no nn.Linear or "
-                            f"Conv1D to compress")
-        return gram_hooks(index, layer, linears, on_layer)
-
-    run_layers(model, windows, batch_size, device, visit, desc="covariances", offload=offload)
-
-
-def gram_hooks(index: int, layer, linears: dict, on_done):
-    """Hook `linears` (name -> module inside `layer`) to accumulate one Gram per distinct input;
-    return the function that removes the hooks and returns `on_done(index, LayerStats)` (which
-    may be deferred work for run_layers, see there)."""
-    accumulators: dict[str, GramAccumulator] = {}
-    shares: dict[str, str] = {}
-    seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
-    alive: list[torch.Tensor] = []  # keep inputs referenced so their ids are not reused
-    finite: dict[str, torch.Tensor] = {}  # group -> were all its inputs finite
-
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0]
-            group = seen.get(id(x))
-            if group is None:
-                # a flag kept on the device: checking here would wait for the GPU on every call
-                finite[name] = finite.get(name, True) & torch.isfinite(x).all()
-                group = seen[id(x)] = name
-                alive.append(x)
-                if name not in accumulators:
-                    accumulators[name] = GramAccumulator(x.shape[-1], x.device)
-                accumulators[name].add(x)
-            if shares.setdefault(name, group) != group:
-                raise RuntimeError(f"layer {index}: input sharing of {name} changed between batches")
-        return hook
-
-    def new_batch(module, args):
-        seen.clear()
-        alive.clear()
-
-    handles = [layer.register_forward_pre_hook(new_batch)]
-    handles += [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
-
-    def finish():
-        for h in handles:
-            h.remove()
-        seen.clear()
-        alive.clear()
-        missing = sorted(set(linears) - set(shares))
-        if missing:
-            raise RuntimeError(f"layer {index}: linears never called in the forward pass: {missing}")
-        for group, acc in accumulators.items():
-            if not bool(finite[group]):
-                raise UserError(f"layer {index}, {group}: non-finite input activations (NaN or inf)")
-            if not torch.isfinite(acc.gram).all():
-                raise UserError(f"layer {index}, {group}: the Gram matrix has non-finite values "
-                                f"(activations overflowed; try model.dtype float32)")
-        return on_done(index, LayerStats({g: acc.gram for g, acc in accumulators.items()},
-                                  {g: acc.abs_mean for g, acc in accumulators.items()},
-                                  dict(shares), next(iter(accumulators.values())).tokens))
-
-    return finish
+    compress_model(model, {}, "svd-llm", None, device, windows, batch_size, offload=offload, on_stats=on_layer)
 
 
 def save_layer(stats_dir, index: int, stats: LayerStats) -> None:

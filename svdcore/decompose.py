@@ -53,6 +53,15 @@ class Whitening:
             return torch.linalg.solve_triangular(self.factor, rows, upper=False, left=False)
         return (rows / self.eigvals.sqrt()) @ self.eigvecs.T
 
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """G^-1 rhs through the factor (G + jitter for the jitter routes; the pseudo-inverse on the
+        kept directions for the eigen route, the minimum-norm solution when G is singular)."""
+        if self.eigvecs is not None:
+            return self.eigvecs @ ((self.eigvecs.T @ rhs) / self.eigvals[:, None])
+        if self.factor is None:
+            raise ValueError(f"a {self.route} whitening has no Gram to solve with")
+        return torch.cholesky_solve(rhs, self.factor)
+
 
 IDENTITY = Whitening("identity")
 
@@ -86,6 +95,23 @@ def whitening(gram: torch.Tensor) -> Whitening:
         if info == 0:
             return Whitening(f"jitter-{eps:g}", factor)
     return eigen_whitening(gram)
+
+
+def anchored_weight(weight: torch.Tensor, shifted: Whitening, cross: torch.Tensor, beta: float) -> torch.Tensor:
+    """The matrix whose truncation in the shifted inputs' metric is the anchored closed form.
+
+    min over rank-r W' of ||X_b W^T - X~ W'^T||_F, with X~ the inputs the compressed prefix feeds
+    the linear, X the dense model's and X_b = (1 - b) X~ + b X, splits (least squares is an
+    orthogonal projection) into ||X_b W^T - X~ W*^T||^2, which W' cannot change, plus
+    ||X~ (W* - W')^T||^2, the whitened truncation loss of W* under G~ = X~^T X~. The unconstrained
+    fit is W* = (1 - b) W + b W C^T G~^-1 with the cross term C = X~^T X; so the rank-r optimum is W*
+    truncated by any route of `truncate` with G~. b = 0 is whitening on the shifted inputs (W* = W).
+    `shifted` is a whitening of G~ (its fallback chain handles a singular G~)."""
+    weight = weight.double()
+    if beta == 0:
+        return weight
+    fitted = shifted.solve(cross.double() @ weight.T).T  # W C^T G~^-1, G~ symmetric
+    return (1 - beta) * weight + beta * fitted
 
 
 def choose_route(route: str, m: int, n: int) -> str:

@@ -10,9 +10,16 @@ allocation: how the parameter budget is shared between matrices
   uniform          the same ratio everywhere
   v2               per-matrix ratios from the whitened truncation loss (SVD-LLM V2)
   last-k           only the last k decoder layers, each at ratio R L / k (ResSVD)
+  sensitivity      ranks that minimize the measured end-to-end loss under the budget (LEMS-style)
 residual: a first stage keeps `residual_fraction` of each rank under `residual_metric`, the
   residual W - A1 B1 gets the rest under `metric` (ResSVD). 0 turns it off.
 update: refit A layer by layer on the inputs of the already compressed prefix (SVD-LLM).
+anchor: fit the dense outputs from the shifted inputs (AA-SVD, SAES-SVD): the truncation's
+  statistics come from the compressed prefix's inputs X~, and the matrix truncated is the
+  least-squares fit of the target ((1 - beta) X~ + beta X) W^T from X~. None: off (the dense
+  model's statistics, as SVD-LLM); 0: whitening on the shifted inputs; 1: fully anchored.
+refine: steps of AdamW per block on its factors and norms, the compressed block on X~ against the
+  dense block on X (AA-SVD's block refinement); 0 turns it off.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -20,7 +27,7 @@ from dataclasses import asdict, dataclass
 from .errors import UserError
 
 METRICS = ("plain", "fisher", "activation", "whitening", "eigen-whitening")
-ALLOCATIONS = ("uniform", "v2", "last-k")
+ALLOCATIONS = ("uniform", "v2", "last-k", "sensitivity")
 DATA_METRICS = ("whitening", "eigen-whitening", "activation")  # read the statistics directory
 PRESETS = {
     "svd": {"metric": "plain"},
@@ -31,8 +38,13 @@ PRESETS = {
     # measured (bench/ressvd.py): the last-k allocation gains, every residual split tried loses, so
     # the residual stage is off unless asked for; asked for, its first stage is plain SVD
     "ressvd": {"metric": "whitening", "allocation": "last-k", "residual_fraction": 0.0, "residual_metric": "plain"},
+    # AA-SVD as published: the fully anchored closed form, then block refinement, uniform ranks
+    "aa-svd": {"metric": "whitening", "anchor": 1.0, "refine_steps": 32},
+    "best": {"metric": "whitening", "anchor": 1.0, "refine_steps": 32},
 }
-KNOB_DEFAULTS = {"allocation": "uniform", "residual_fraction": 0.0, "residual_metric": None}
+KNOB_DEFAULTS = {"allocation": "uniform", "residual_fraction": 0.0, "residual_metric": None, "anchor": None,
+                 "refine_steps": 0}
+REFINE_LR, REFINE_HOLDOUT = 2e-4, 0.125  # defaults of compress.refine.lr / .holdout
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,10 @@ class Recipe:
     residual_fraction: float = 0.0
     residual_metric: str | None = None
     last_layers: int | None = None  # last-k allocation: None = last_layers_rule
+    anchor: float | None = None  # None: off; beta in [0, 1]: the closed form on the shifted inputs
+    refine_steps: int = 0  # block refinement: optimizer steps per block, 0 = off
+    refine_lr: float = REFINE_LR
+    refine_holdout: float = REFINE_HOLDOUT  # share of the calibration windows held out, watched each epoch
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -57,6 +73,12 @@ class Recipe:
     @property
     def needs_fisher(self) -> bool:
         return "fisher" in self.metrics
+
+    @property
+    def needs_windows(self) -> bool:
+        """Whether a step depends on the compressed prefix, so the calibration windows must
+        stream through the layers while they are compressed."""
+        return self.update or self.anchor is not None or self.refine_steps > 0
 
     def describe(self) -> dict:
         return asdict(self)
@@ -79,8 +101,11 @@ def last_layers_rule(layers: int, ratio: float) -> int:
 
 def recipe(method: str, metric: str | None = None, alpha: float = 0.5, update: bool = False,
            allocation: str | None = None, residual_fraction: float | None = None,
-           residual_metric: str | None = None, last_layers: int | None = None) -> Recipe:
-    """The preset of `method`, each knob given (not None) overriding it; incompatible knobs stop."""
+           residual_metric: str | None = None, last_layers: int | None = None, *,
+           anchor: float | bool | None = None, refine_steps: int | None = None, refine_lr: float = REFINE_LR,
+           refine_holdout: float = REFINE_HOLDOUT) -> Recipe:
+    """The preset of `method`, each knob given (not None) overriding it; incompatible knobs stop.
+    `anchor` False turns the preset's anchor off."""
     if method not in PRESETS:
         raise UserError(f"compress.method: expected one of {', '.join(PRESETS)}, got {method!r}")
     preset = {**KNOB_DEFAULTS, **PRESETS[method]}
@@ -104,10 +129,20 @@ def recipe(method: str, metric: str | None = None, alpha: float = 0.5, update: b
                         f"truncation at the full rank (Eckart-Young); pick another metric or residual_fraction 0")
     if last_layers is not None and allocation != "last-k":
         raise UserError(f"compress.last_layers: applies to allocation last-k only (allocation is {allocation})")
-    return Recipe(metric, alpha, update, allocation, fraction, first if fraction else None, last_layers)
+    anchor = preset["anchor"] if anchor is None else (None if anchor is False else float(anchor))
+    if anchor is not None and not 0 <= anchor <= 1:
+        raise UserError(f"compress.anchor: expected false (off) or a blend beta in [0, 1], got {anchor!r}")
+    if anchor is not None and update:
+        raise UserError("compress.update: the anchored closed form already fits A and B jointly on the shifted "
+                        "inputs, so the update would change nothing; set compress.update false or compress.anchor false")
+    steps = preset["refine_steps"] if refine_steps is None else refine_steps
+    return Recipe(metric, alpha, update, allocation, fraction, first if fraction else None, last_layers,
+                  anchor, steps, refine_lr, refine_holdout)
 
 
 def recipe_from_params(compress: dict) -> Recipe:
+    refine = compress["refine"]
     return recipe(compress["method"], compress["metric"], compress["alpha"], compress["update"],
                   compress["allocation"], compress["residual_fraction"], compress["residual_metric"],
-                  compress["last_layers"])
+                  compress["last_layers"], anchor=compress["anchor"], refine_steps=refine["steps"],
+                  refine_lr=refine["lr"], refine_holdout=refine["holdout"])

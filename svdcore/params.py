@@ -62,6 +62,25 @@ def _exponent(key, v):
         raise UserError(f"{key}: expected a number in (0, 1] (the exponent of mean |x|), got {v!r}")
 
 
+def _anchor(key, v):
+    if v is None or v is False:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 1):
+        raise UserError(f"{key}: expected null (the method's own), false (off: the dense model's statistics) or a "
+                        f"blend beta in [0, 1] (0: whitening on the shifted inputs, 1: fit the dense outputs), got {v!r}")
+
+
+def _learning_rate(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+        raise UserError(f"{key}: expected a learning rate in (0, 1], got {v!r} (YAML reads 2e-4 as text: write 2.0e-4)")
+
+
+def _holdout(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 0.5):
+        raise UserError(f"{key}: expected a share of the calibration windows in [0, 0.5] (0: none held out, "
+                        f"no early stopping), got {v!r}")
+
+
 def _text(key, v):
     if not isinstance(v, str) or not v.strip():
         raise UserError(f"{key}: expected a non-empty string, got {v!r}")
@@ -117,7 +136,10 @@ SCHEMA = {
                  "residual_fraction": _optional(_share, "the method's own"),
                  "residual_metric": _optional(_choice(METRICS), "the method's own"),
                  "last_layers": _optional(_int(1), "the rule of svdcore.methods.last_layers_rule"),
-                 "route": _choice(ROUTES), "rank_multiple": _int(1)},
+                 "route": _choice(ROUTES), "rank_multiple": _int(1), "anchor": _anchor,
+                 "refine": {"steps": _optional(_int(0), "the method's own"), "lr": _learning_rate,
+                            "holdout": _holdout}},
+    "sensitivity": {"samples": _int(1), "seed": _int(0)},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},
     "zeroshot": {"tasks": _task_list, "limit": _int(0), "batch_size": _int(1)},
@@ -152,7 +174,8 @@ def sweep_compress(compress: dict, method: str, ratio) -> dict:
     _choice(METHODS)("sweep methods", name)
     _ratio("sweep ratios", ratio)
     return {**compress, "method": name, "ratio": ratio, "metric": None, "allocation": None, "update": bool(plus),
-            "residual_fraction": None, "residual_metric": None, "last_layers": None}
+            "residual_fraction": None, "residual_metric": None, "last_layers": None, "anchor": None,
+            "refine": {**compress.get("refine", {}), "steps": None}}
 
 
 def validate_sweep(sweep: dict) -> None:

@@ -124,10 +124,60 @@ def fit_budget(shapes: dict[str, list[int]], ranks: dict[str, int | None], spect
     return ranks
 
 
+def candidate_ranks(m: int, n: int, multiple: int) -> list[int]:
+    """The ranks a matrix may take under `rank_multiple`, below break-even (dense is the other choice)."""
+    ranks = [r for r in range(multiple, m * n // (m + n) + 1, multiple) if not keeps_dense(m, n, r)]
+    return ranks or [r for r in range(1, multiple) if not keeps_dense(m, n, r)][-1:]
+
+
+def sensitivity_ranks(shapes: dict[str, list[int]], costs: dict[str, torch.Tensor], ratio: float,
+                      multiple: int = 1) -> tuple[dict[str, int | None], dict]:
+    """The ranks that minimize the predicted end-to-end loss, sum over matrices of the costs of
+    their dropped components (svdcore.sensitivity), with at most (1 - ratio) of the dense
+    parameters kept: an exact integer program (one choice per matrix among its candidate ranks
+    and dense), solved by HiGHS through scipy.optimize.milp. Returns the ranks and what the solve
+    reports (predicted loss, optimality gap, seconds)."""
+    import time
+
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    if ratio == 0:
+        return {n: None for n in shapes}, {}
+    missing = sorted(set(shapes) - set(costs))
+    if missing:
+        raise UserError(f"ranks: the sensitivity allocation has no costs for {missing[:3]}; rerun compute-sensitivity")
+    names, options, rows, price, loss = sorted(shapes), [], [], [], []
+    for row, name in enumerate(names):
+        m, n = shapes[name]
+        tail = torch.cat([costs[name].double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        for rank in candidate_ranks(m, n, multiple) + [None]:
+            options.append((name, rank))
+            rows.append(row)
+            price.append(m * n if rank is None else rank * (m + n))
+            loss.append(0.0 if rank is None else float(tail[min(rank, len(tail) - 1)]))
+    price, loss = np.array(price, dtype=float), np.array(loss)
+    budget = (1 - ratio) * parameter_count(shapes, {n: None for n in shapes})
+    one_each = coo_matrix((np.ones(len(options)), (rows, np.arange(len(options)))), shape=(len(names), len(options)))
+    scale = loss.max() if loss.max() > 0 else 1.0  # HiGHS' tolerances are absolute: work near 1
+    start = time.perf_counter()
+    result = milp(loss / scale, constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(price[None, :], 0, budget)],
+                  integrality=np.ones(len(options)), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "time_limit": 600})
+    if result.x is None:  # infeasible (a time limit still leaves the best allocation found, with its gap)
+        raise UserError(f"ranks: no allocation keeps {1 - ratio:.0%} of the parameters with every matrix at its "
+                        f"smallest rank ({result.message})")
+    chosen = {options[i][0]: options[i][1] for i in np.flatnonzero(result.x > 0.5)}
+    return chosen, {"predicted_kl": float(loss @ (result.x > 0.5)), "mip_gap": float(getattr(result, "mip_gap", 0.0)),
+                    "solve_s": round(time.perf_counter() - start, 2), "candidates": len(options)}
+
+
 def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectra: dict | None = None,
-             last_layers: int | None = None, multiple: int = 1) -> tuple[dict[str, int | None], dict]:
+             last_layers: int | None = None, multiple: int = 1,
+             costs: dict | None = None) -> tuple[dict[str, int | None], dict]:
     """Ranks for `ratio` under an allocation strategy (svdcore.methods.ALLOCATIONS), rounded to
-    `multiple`; and what the strategy decided (the k of last-k)."""
+    `multiple` (the sensitivity solve takes only multiples to begin with); and what the strategy
+    decided (the k of last-k, the solve's figures)."""
     from .methods import last_layers_rule
 
     decided = {}
@@ -141,6 +191,11 @@ def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectr
         layers = 1 + max(layer_index(n) for n in shapes)
         k = decided["last_layers"] = last_layers or last_layers_rule(layers, ratio)
         ranks = last_k_ranks(shapes, ratio, k) if ratio else {n: None for n in shapes}
+    elif allocation == "sensitivity":
+        if costs is None:
+            raise UserError("ranks: the sensitivity allocation needs the component costs; rerun compute-sensitivity")
+        ranks, solve = sensitivity_ranks(shapes, costs, ratio, multiple)
+        return ranks, {"solve": solve} if solve else {}
     else:
         raise UserError(f"compress.allocation: unknown strategy {allocation!r}")
     return round_to_multiple(shapes, ranks, multiple), decided

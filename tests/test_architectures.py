@@ -21,6 +21,7 @@ from svdcore.ranks import uniform_ranks
 CPU = torch.device("cpu")
 STAGES = [("collect-calibration", "collect_calibration"), ("compute-covariances", "compute_covariances"),
           ("compute-spectra", "compute_spectra"), ("compute-fisher", "compute_fisher"),
+          ("compute-sensitivity", "compute_sensitivity"),
           ("allocate-ranks", "allocate_ranks"), ("truncate-and-update", "truncate_and_update"),
           ("evaluate-dense", "evaluate_dense"), ("evaluate", "evaluate")]
 
@@ -30,12 +31,15 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def run_stages(work, params):
-    """Run every stage in order in `work`, as dvc repro would (same entry point, same files)."""
+def run_stages(work, params, first=None, last=None):
+    """Run the stages from `first` to `last` (default all) in order in `work`, as dvc repro
+    would (same entry point, same files)."""
     from stages.common import run
 
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    for name, module in STAGES:
+    names = [name for name, _ in STAGES]
+    start, stop = names.index(first or names[0]), names.index(last or names[-1])
+    for name, module in STAGES[start:stop + 1]:
         run(name, importlib.import_module(f"stages.{module}").work)
 
 
@@ -89,6 +93,51 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
         expected = compressed(ids).logits
     torch.testing.assert_close(logits_in_fresh_process(work / "models/compressed", ids, tmp_path), expected,
                                rtol=0, atol=0)
+
+    # the error-aware steps on the same family: sensitivity allocation, anchored closed form, refinement
+    params["compress"].update(method="aa-svd", allocation="sensitivity", refine={**params["compress"]["refine"], "steps": 2})
+    run_stages(work, params, first="compute-sensitivity")
+    report = json.loads((work / "metrics/compress.json").read_text())
+    assert report["recipe"]["anchor"] == 1.0 and report["refine"] and len(report["stream_gap"]) == 2
+    assert json.loads((work / "artifacts/ranks.json").read_text())["strategy"] == "sensitivity"
+    metrics = json.loads((work / "metrics/evaluate.json").read_text())
+    assert abs(metrics["ratio"]["linears"] - 0.3) < 0.03 and all(1 < p < float("inf") for p in metrics["compressed"]["ppl"].values())
+    refined = load_compressed(work / "models/compressed")
+    with torch.no_grad():
+        expected = refined(ids).logits
+    torch.testing.assert_close(logits_in_fresh_process(work / "models/compressed", ids, tmp_path), expected,
+                               rtol=0, atol=0)
+
+
+def test_a_refinement_that_turns_non_finite_stops_the_stage_and_writes_nothing(tmp_path, monkeypatch, tokenizer,
+                                                                              capsys):
+    """Fault injection: the refinement loss of a block comes out NaN. The stage stops with one
+    line naming the layer, exit status 2, and the previous compressed model is left as it was."""
+    import svdcore.refine
+
+    work = tmp_path / "work"
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(device="cpu")
+    params["model"]["name"] = str(model_dir)
+    params["calibration"].update(samples=8, seqlen=32)
+    params["compress"].update(method="aa-svd", refine={**params["compress"]["refine"], "steps": 2})
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SVDCORE_DATA", str(ROOT / "data"))
+    run_stages(work, params, last="truncate-and-update")
+    before = sorted((p.name, p.read_bytes()) for p in (work / "models/compressed").iterdir())
+    real = svdcore.refine.F.mse_loss
+    monkeypatch.setattr(svdcore.refine.F, "mse_loss", lambda a, b: real(a, b) * float("nan"))
+    with pytest.raises(SystemExit) as stop:
+        run_stages(work, params, first="truncate-and-update", last="truncate-and-update")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: layer 0: the block refinement loss became nan at step 1; lower compress.refine.lr")
+    assert sorted((p.name, p.read_bytes()) for p in (work / "models/compressed").iterdir()) == before
+    assert not list((work / "models").glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

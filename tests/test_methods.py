@@ -93,7 +93,8 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
     compress_model(plain, ranks, "svd-llm", stats, CPU)
     report = compress_model(updated, ranks, Recipe("whitening", update=True), stats, CPU, windows, 4)
     assert report["recipe"] == {"metric": "whitening", "alpha": 0.5, "update": True, "allocation": "uniform",
-                                "residual_fraction": 0.0, "residual_metric": None, "last_layers": None}
+                                "residual_fraction": 0.0, "residual_metric": None, "last_layers": None,
+                                "anchor": None, "refine_steps": 0, "refine_lr": 2e-4, "refine_holdout": 0.125}
     # summed over all linears, ||(W - A B) X~||^2 on the compressed prefix's inputs went down
     assert 0 < report["update_error_ratio"] < 1
     lows = [(n, m) for n, m in updated.named_modules() if isinstance(m, LowRankLinear)]
@@ -140,7 +141,7 @@ def test_every_metric_compresses_the_tiny_model_alike_on_every_route(metric, tmp
 def test_presets_and_knobs():
     assert {name: recipe(name).metric for name in PRESETS} == {
         "svd": "plain", "fwsvd": "fisher", "asvd": "activation", "svd-llm": "whitening",
-        "svd-llm-v2": "eigen-whitening", "ressvd": "whitening"}
+        "svd-llm-v2": "eigen-whitening", "ressvd": "whitening", "aa-svd": "whitening", "best": "whitening"}
     assert recipe("svd-llm-v2").allocation == "v2" and recipe("ressvd").allocation == "last-k"
     assert recipe("ressvd").residual_fraction == 0  # measured: every split tried lost (bench/ressvd.py)
     assert recipe("ressvd", residual_fraction=0.25).residual_metric == "plain"
@@ -151,9 +152,10 @@ def test_presets_and_knobs():
     assert recipe("svd", residual_fraction=0.5, residual_metric="fisher").needs_fisher
     assert not recipe("ressvd", residual_fraction=0).residual_metric  # 0 turns the stage off
     for args, message in [
-        (("svdd",), "compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, got 'svdd'"),
+        (("svdd",), "compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, aa-svd, best, "
+                    "got 'svdd'"),
         (("svd", "fisher-ish"), "compress.metric: expected one of plain, fisher, activation, whitening"),
-        (("svd", None, 0.5, False, "greedy"), "compress.allocation: expected one of uniform, v2, last-k"),
+        (("svd", None, 0.5, False, "greedy"), "compress.allocation: expected one of uniform, v2, last-k, sensitivity"),
         (("svd-llm", None, 0.5, False, None, 1.0), r"compress.residual_fraction: expected a share of the rank in \[0, 1\)"),
         (("svd-llm", None, 0.5, False, None, 0.5), "compress.residual_metric: a residual stage"),
         (("svd-llm", None, 0.5, False, None, 0.5, "whitening"), "both stages use whitening, which is exactly a single"),

@@ -46,11 +46,12 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
     ("compress.ratio", -0.1, r"compress.ratio: expected a number in \[0, 1\)"),
     ("compress.ratio", "0.2", r"compress.ratio: expected a number"),
     ("compress.ratio", True, r"compress.ratio: expected a number"),
-    ("compress.method", "asvdd", r"compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, got 'asvdd'"),
+    ("compress.method", "asvdd", r"compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, aa-svd, best, "
+                                    r"got 'asvdd'"),
     ("compress.typo", 1, r"compress.typo: unknown key; allowed here: ratio, method, metric, alpha, update"),
     ("compress.metric", "fishr", r"compress.metric: expected one of plain, fisher, activation, whitening, "
                                  r"eigen-whitening, got 'fishr' \(or null for the method's own\)"),
-    ("compress.allocation", "greedy", r"compress.allocation: expected one of uniform, v2, last-k, got 'greedy' "
+    ("compress.allocation", "greedy", r"compress.allocation: expected one of uniform, v2, last-k, sensitivity, got 'greedy' "
                                       r"\(or null for the method's own\)"),
     ("compress.residual_fraction", 1, r"compress.residual_fraction: expected a number in \[0, 1\) \(the share of "
                                       r"each rank given to the first stage\), got 1"),
@@ -61,6 +62,20 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
     ("compress.update", "yes", r"compress.update: expected true or false, got 'yes'"),
     ("compress.route", "qr", r"compress.route: expected one of auto, svd, eigh-out, eigh-in, got 'qr'"),
     ("compress.rank_multiple", 0, r"compress.rank_multiple: expected an integer >= 1, got 0"),
+    ("compress.anchor", 1.5, r"compress.anchor: expected null \(the method's own\), false \(off: the dense model's "
+                             r"statistics\) or a blend beta in \[0, 1\] .*, got 1.5"),
+    ("compress.anchor", True, r"compress.anchor: expected null .*, got True"),
+    ("compress.anchor", "auto", r"compress.anchor: expected null .*, got 'auto'"),
+    ("compress.refine.steps", -1, r"compress.refine.steps: expected an integer >= 0, got -1 \(or null for the method's own\)"),
+    ("compress.refine.steps", 2.5, r"compress.refine.steps: expected an integer, got 2.5"),
+    ("compress.refine.lr", 0, r"compress.refine.lr: expected a learning rate in \(0, 1\], got 0"),
+    ("compress.refine.lr", "2e-4", r"compress.refine.lr: expected a learning rate in \(0, 1\], got '2e-4' \(YAML reads"),
+    ("compress.refine.holdout", 0.6, r"compress.refine.holdout: expected a share of the calibration windows in "
+                                     r"\[0, 0.5\]"),
+    ("compress.refine.typo", 1, r"compress.refine.typo: unknown key; allowed here: steps, lr, holdout"),
+    ("compress.refine", KeyError, r"compress.refine: missing from params.yaml"),
+    ("sensitivity.samples", 0, r"sensitivity.samples: expected an integer >= 1, got 0"),
+    ("sensitivity.seed", -1, r"sensitivity.seed: expected an integer >= 0, got -1"),
     ("covariances.offload_activations", 1, r"covariances.offload_activations: expected true or false, got 1"),
     ("calibration.samples", 0, r"calibration.samples: expected an integer >= 1, got 0"),
     ("calibration.seqlen", 12.5, r"calibration.seqlen: expected an integer, got 12.5"),

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import dvc_repo, set_params, sh
+from svdcore.methods import recipe
 from svdcore.sweep_report import dvc_plots_definition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,49 +25,52 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, tiny_model_dir):
     import mlflow
 
     work, env, dvc = dvc_repo(tmp_path / "repo", tiny_model_dir)
-    set_sweep(work, methods=["fwsvd", "svd-llm-v2", "ressvd"], ratios=[0.2], zeroshot_methods=["fwsvd", "ressvd"])
+    set_sweep(work, methods=["fwsvd", "svd-llm-v2", "ressvd", "best"], ratios=[0.2], zeroshot_methods=["fwsvd", "ressvd"])
+    set_params(work, compress__refine__steps=2)  # the sweep takes each preset's own steps: this must not matter
     first = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
     assert "Running stage 'compute-covariances'" in first  # the main pipeline's statistics, upstream
     assert "Running stage 'evaluate'" not in first  # but not its compressed model
-    assert first.count("Running stage 'sweep/dvc.yaml:point@") == 3
+    assert first.count("Running stage 'sweep/dvc.yaml:point@") == 4
     assert first.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 2
     points = {p.name: json.loads(p.read_text()) for p in (work / "sweep/points").glob("*.json")}
-    assert sorted(points) == ["fwsvd@0.2.json", "ressvd@0.2.json", "svd-llm-v2@0.2.json"]
+    assert sorted(points) == ["best@0.2.json", "fwsvd@0.2.json", "ressvd@0.2.json", "svd-llm-v2@0.2.json"]
     for name, p in points.items():
         assert abs(p["ratio_achieved"]["linears"] - p["ratio"]) < 0.03, name
         assert set(p["ppl"]) == {"wikitext2", "ptb"} and p["compress_s"] > 0
     assert points["ressvd@0.2.json"]["last_layers"] == 2  # the rule on 2 layers: three quarters, rounded up
     assert points["fwsvd@0.2.json"]["recipe"]["metric"] == "fisher"
     assert points["svd-llm-v2@0.2.json"]["recipe"]["allocation"] == "v2"
+    assert points["best@0.2.json"]["recipe"] == recipe("best").describe()  # the preset's knobs, not params.yaml's
     scored = json.loads((work / "sweep/zeroshot/ressvd@0.2.json").read_text())
     assert scored["zeroshot"]["limit"] == 2 and len(scored["zeroshot"]["tasks"]) == 7
     assert scored["ratio_achieved"] == points["ressvd@0.2.json"]["ratio_achieved"]  # the same compression
     table = (work / "sweep/results/table.md").read_text()
-    assert all(m in table for m in ("fwsvd", "svd-llm-v2", "ressvd"))
+    assert all(m in table for m in ("fwsvd", "svd-llm-v2", "ressvd", "best"))
     assert "zero-shot accuracy, mean of 7 tasks" in table and "first 2 items" in table
     assert (work / "sweep/results/ratio_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((work / "sweep/results/summary.json").read_text())
-    assert summary["points"] == 3 and summary["each_point_from_scratch_s"] > summary["sweep_s"] > 0
+    assert summary["points"] == 4 and summary["each_point_from_scratch_s"] > summary["sweep_s"] > 0
     shown = sh(dvc + ["plots", "show", "--json"], work, env)
     assert "sweep-wikitext2" in shown and "svd-llm-v2.csv" in shown
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["svdcore-sweep"])
     parents = runs[runs["tags.mlflow.runName"] == "sweep"]
-    assert len(parents) == 1 and len(runs) == 4
+    assert len(parents) == 1 and len(runs) == 5
     assert set(runs["tags.mlflow.parentRunId"].dropna()) == {parents["run_id"].iloc[0]}
     assert runs["metrics.zeroshot.mean.acc"].notna().sum() == 2  # the children scored zero-shot
 
     set_sweep(work, ratios=[0.2, 0.4])
     set_params(work, zeroshot__limit=1)
     second = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
-    assert second.count("Running stage 'sweep/dvc.yaml:point@") == 3  # the new ratio, every method
+    assert second.count("Running stage 'sweep/dvc.yaml:point@") == 4  # the new ratio, every method
     assert "Running stage 'sweep/dvc.yaml:point@ressvd-0.4'" in second
     assert second.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 4  # the new limit: every zero-shot stage
     assert "Running stage 'evaluate-dense'" in second  # and the dense scores, which the report checks
     assert "first 1 items" in (work / "sweep/results/table.md").read_text()
     assert "Running stage 'sweep/dvc.yaml:report'" in second
     assert "Running stage 'sweep/dvc.yaml:fisher'" not in second
+    assert "Running stage 'sweep/dvc.yaml:sensitivity'" not in second
     assert "Running stage 'compute-covariances'" not in second
 
 
