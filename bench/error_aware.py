@@ -53,6 +53,20 @@ VARIANTS = {
 COSTS = Path("artifacts/sensitivity.safetensors")
 
 
+def knobs_of(name: str) -> dict:
+    """A named variant, or knobs spelled out: "anchor=0.25,allocation=sensitivity,refine_steps=32"."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    knobs = dict(item.split("=", 1) for item in name.split(","))
+    for key in ("anchor", "refine_lr", "refine_holdout"):
+        if key in knobs:
+            knobs[key] = float(knobs[key])
+    for key in ("refine_steps", "last_layers"):
+        if key in knobs:
+            knobs[key] = int(knobs[key])
+    return knobs
+
+
 def costs_for(model, device) -> dict:
     """The pipeline's component costs, computed here (and kept) when compute-sensitivity left none."""
     costs = load_costs(COSTS) if COSTS.is_file() else {}
@@ -68,7 +82,8 @@ def main(argv=None):
     p = bench_parser(__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2])
-    p.add_argument("--variants", nargs="+", default=["svd-llm", "anchor-1", "aa-svd-32"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["svd-llm", "anchor-1", "aa-svd-32"],
+                   help=f"named ({', '.join(VARIANTS)}) or knob=value,... (Recipe's fields)")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -88,7 +103,7 @@ def main(argv=None):
         for name in args.variants:
             if (ratio, name) in done:
                 continue
-            recipe = Recipe(**{**WHITENING, **VARIANTS[name]})
+            recipe = Recipe(**{**WHITENING, **knobs_of(name)})
             spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
             costs = costs_for(dense, device) if recipe.allocation == "sensitivity" else None
             ranks, decided = allocate(shapes, ratio, recipe.allocation, spectra, recipe.last_layers, 1, costs)

@@ -1,5 +1,6 @@
 """What every stage does around its work: read params, report user errors in one line,
 record wall time and peak memory."""
+import argparse
 import os
 import resource
 import sys
@@ -50,3 +51,15 @@ def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
     if timings_dir is not None:
         figures.update(wall_s=round(time.perf_counter() - STARTED, 2), **peak_memory())
         write_json(Path(timings_dir) / f"{name}.json", figures)
+
+
+def run_gated(name: str, doc: str, out: str, compute) -> None:
+    """The command line of a stage that does its work only when the method reads its output
+    (else it writes an empty file, so switching methods costs nothing): `compute(params, out,
+    always)`. The sweep runs it with --always, into its own folder."""
+    cli = argparse.ArgumentParser(description=doc)
+    cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
+    cli.add_argument("--out", default=out)
+    cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
+    args = cli.parse_args()
+    run(name, lambda params: compute(params, args.out, args.always), Path(args.timings_dir))

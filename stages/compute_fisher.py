@@ -1,13 +1,10 @@
 """compute-fisher: FWSVD's Fisher scales, only when the method uses the fisher metric (else an
 empty file, so that switching methods costs nothing here). The sweep runs it with --always."""
-import argparse
-from pathlib import Path
-
 from svdcore.atomic import atomic_path
 from svdcore.fisher import fisher_scales, save_fisher
 from svdcore.methods import recipe_from_params
 from svdcore.model import load_model, resolve_device, resolve_dtype
-from stages.common import STAGE_METRICS, run
+from stages.common import run_gated
 from stages.io import load_calibration
 
 OUT = "artifacts/fisher.safetensors"
@@ -29,9 +26,4 @@ def work(params):
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description=__doc__)
-    cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
-    cli.add_argument("--out", default=OUT)
-    cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
-    args = cli.parse_args()
-    run("compute-fisher", lambda params: compute(params, args.out, args.always), Path(args.timings_dir))
+    run_gated("compute-fisher", __doc__, OUT, compute)

@@ -1,14 +1,11 @@
 """compute-sensitivity: the end-to-end cost of dropping each whitened component of every linear
 (svdcore.sensitivity), for the sensitivity allocation; only when the method allocates by it (else
 an empty file, so that switching methods costs nothing here). The sweep runs it with --always."""
-import argparse
-from pathlib import Path
-
 from svdcore.atomic import atomic_path
 from svdcore.methods import recipe_from_params
 from svdcore.model import load_model, resolve_device, resolve_dtype
 from svdcore.sensitivity import component_costs, save_costs
-from stages.common import STAGE_METRICS, run
+from stages.common import run_gated
 from stages.io import load_calibration
 
 OUT = "artifacts/sensitivity.safetensors"
@@ -32,9 +29,4 @@ def work(params):
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description=__doc__)
-    cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
-    cli.add_argument("--out", default=OUT)
-    cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
-    args = cli.parse_args()
-    run("compute-sensitivity", lambda params: compute(params, args.out, args.always), Path(args.timings_dir))
+    run_gated("compute-sensitivity", __doc__, OUT, compute)

@@ -77,3 +77,22 @@ def read_json(path, what: str):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{what}: {path} is not valid JSON ({e}); rerun the stage that makes it") from None
+
+
+def save_tensors(path, tensors: dict) -> None:
+    """Named tensors to a safetensors file, in sorted order (the bytes depend on the values only)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path))
+
+
+def load_tensors(path, what: str, stage: str) -> dict:
+    """The named tensors of a safetensors file; a missing, truncated or foreign file is named."""
+    from safetensors.torch import load_file
+
+    from .errors import UserError
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise UserError(f"{what}: {path} is unreadable ({type(e).__name__}: {e}); rerun {stage}") from None

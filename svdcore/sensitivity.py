@@ -20,6 +20,7 @@ compute-sensitivity stage) and every ratio is a cheap solve (svdcore.ranks.sensi
 import torch
 import torch.nn.functional as F
 
+from .atomic import load_tensors, save_tensors
 from .covariances import load_layer
 from .decompose import whitening
 from .errors import UserError
@@ -102,15 +103,8 @@ def component_costs(model, windows: torch.Tensor, stats_dir, device: torch.devic
 
 
 def save_costs(path, costs: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sorted(costs.items())}, str(path))
+    save_tensors(path, costs)
 
 
 def load_costs(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # missing, truncated or foreign file
-        raise UserError(f"sensitivity: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-sensitivity") from None
+    return load_tensors(path, "sensitivity", "compute-sensitivity")

@@ -7,9 +7,9 @@ figures do not grow with the calibration set.
 """
 import torch
 
+from .atomic import load_tensors, save_tensors
 from .covariances import load_layer
 from .decompose import whitening
-from .errors import UserError
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
 from .progress import progress as tqdm
 
@@ -42,15 +42,8 @@ def whitened_spectra(model, stats_dir, device: torch.device) -> dict[str, torch.
 
 
 def save_spectra(path, spectra: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sorted(spectra.items())}, str(path))
+    save_tensors(path, spectra)
 
 
 def load_spectra(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # missing, truncated or foreign file
-        raise UserError(f"spectra: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-spectra") from None
+    return load_tensors(path, "spectra", "compute-spectra")
