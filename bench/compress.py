@@ -1,10 +1,14 @@
-"""Time a whole SVD-LLM whitening compression, phase by phase, and its peak memory.
+"""Time a whole compression, phase by phase, and its peak memory (SVD-LLM whitening by default).
 
     python -m bench.compress --shape 7b --device cuda --samples 256 --seqlen 2048
     python -m bench.compress --model smollm2-135m --device cpu --samples 32 --seqlen 512
+    python -m bench.compress --shape 7b --device cuda --method aa-svd --refine-steps 32
 
 --shape builds a random-weight Llama of that shape in CPU memory (bench/shapes.py); --model
-loads a real one (the default pipeline's SmolLM2 on a CPU). The layers stream through the
+loads a real one (the default pipeline's SmolLM2 on a CPU). --method takes any preset but FWSVD's; an allocation
+that needs a measurement (v2's spectra, the sensitivity costs) is priced as uniform ranks of the
+same budget. The anchored closed form and the block refinement stream the windows through the
+layer loop, so they time that loop too. The layers stream through the
 device one at a time, as in the pipeline. --mode pipeline is what `dvc repro` does: Grams to a
 statistics directory (float32 safetensors), then truncation from it; --mode fused gathers each
 layer's Grams and truncates it while it is on the device, writing nothing.
@@ -21,8 +25,9 @@ from svdcore import streaming
 from svdcore.compress import compress_model
 from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.decompose import ROUTES
+from svdcore.methods import PRESETS, recipe
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.ranks import parameter_count, round_to_multiple, uniform_ranks
+from svdcore.ranks import allocate, parameter_count, round_to_multiple, uniform_ranks
 from svdcore.timing import Sections
 
 
@@ -50,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--rank-multiple", type=int, default=1)
     parser.add_argument("--route", default="auto", choices=ROUTES)
     parser.add_argument("--mode", default="pipeline", choices=("pipeline", "fused"))
+    parser.add_argument("--method", default="svd-llm", choices=[m for m in PRESETS if not recipe(m).needs_fisher])
+    parser.add_argument("--refine-steps", type=int, default=None, help="block refinement steps (default: the preset's)")
     parser.add_argument("--offload", action="store_true", help="calibration activations in pinned CPU memory")
     parser.add_argument("--serial", action="store_true", help="no overlap of moves and decompositions (GPU)")
     parser.add_argument("--json")
@@ -60,7 +67,11 @@ def main(argv=None):
     model, label, dtype, build_s = build(args, device)
     windows = random_windows(model.config.vocab_size, args.samples, args.seqlen)
     shapes = linear_shapes(model)
-    ranks = round_to_multiple(shapes, uniform_ranks(shapes, args.ratio), args.rank_multiple)
+    method = recipe(args.method, refine_steps=args.refine_steps)
+    if method.allocation == "last-k":
+        ranks, _ = allocate(shapes, args.ratio, method.allocation, None, method.last_layers, args.rank_multiple)
+    else:
+        ranks = round_to_multiple(shapes, uniform_ranks(shapes, args.ratio), args.rank_multiple)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -71,9 +82,10 @@ def main(argv=None):
             collect_grams(model, windows, args.batch_size, device, lambda i, s: save_layer(stats_dir, i, s),
                           offload=args.offload)
             statistics_s = time.perf_counter() - start
-            report = compress_model(model, ranks, "svd-llm", stats_dir, device, route=args.route)
+            report = compress_model(model, ranks, method, stats_dir, device, windows, args.batch_size,
+                                    route=args.route, offload=args.offload)
         else:
-            report = compress_model(model, ranks, "svd-llm", None, device, windows, args.batch_size,
+            report = compress_model(model, ranks, method, None, device, windows, args.batch_size,
                                     route=args.route, offload=args.offload)
             statistics_s = None
         total_s = time.perf_counter() - start
@@ -84,7 +96,7 @@ def main(argv=None):
     dense = parameter_count(shapes, {n: None for n in shapes})
     result = {
         "model": label, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "mode": args.mode, "route": args.route, "offload": args.offload, "overlap": streaming.OVERLAP and device.type == "cuda",
+        "mode": args.mode, "method": args.method, "refine_steps": method.refine_steps, "route": args.route, "offload": args.offload, "overlap": streaming.OVERLAP and device.type == "cuda",
         "calibration": f"{args.samples} x {args.seqlen}", "batch_size": args.batch_size,
         "ratio": args.ratio, "rank_multiple": args.rank_multiple,
         "achieved_ratio": round(1 - parameter_count(shapes, ranks) / dense, 5),

@@ -40,7 +40,9 @@ PRESETS = {
     "ressvd": {"metric": "whitening", "allocation": "last-k", "residual_fraction": 0.0, "residual_metric": "plain"},
     # AA-SVD as published: the fully anchored closed form, then block refinement, uniform ranks
     "aa-svd": {"metric": "whitening", "anchor": 1.0, "refine_steps": 32},
-    "best": {"metric": "whitening", "anchor": 1.0, "refine_steps": 32},
+    # the best combination measured (bench/error_aware.py, validation text, README "Choosing the
+    # error-aware defaults"): ranks from the end-to-end costs, a light anchor, 32 refinement steps
+    "best": {"metric": "whitening", "allocation": "sensitivity", "anchor": 0.25, "refine_steps": 32},
 }
 KNOB_DEFAULTS = {"allocation": "uniform", "residual_fraction": 0.0, "residual_metric": None, "anchor": None,
                  "refine_steps": 0}

@@ -15,6 +15,14 @@ def test_compress_bench_runs_both_modes_and_reports_every_phase(tmp_path):
         assert (tmp_path / f"{mode}.json").read_text().startswith('{\n  "command": "python -m bench.compress --shape tiny')
 
 
+def test_compress_bench_times_the_refined_layer_loop(tmp_path):
+    result = compress.main(["--shape", "tiny", "--device", "cpu", "--samples", "8", "--seqlen", "32",
+                            "--method", "aa-svd", "--refine-steps", "2"])
+    assert result["method"] == "aa-svd" and result["refine_steps"] == 2
+    assert {"statistics", "decompose", "refine"} <= set(result["phases_s"])
+    assert abs(result["achieved_ratio"] - 0.2) < 0.05
+
+
 def test_auto_device_is_the_cpu_here_and_gives_the_same_figures_of_work():
     if torch.cuda.is_available():
         return  # the point is a machine without a GPU

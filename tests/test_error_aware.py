@@ -181,6 +181,8 @@ def test_recipe_knobs_for_the_error_aware_steps():
     assert (aa.anchor, aa.allocation) == (1.0, "uniform") and aa.refine_steps > 0 and aa.needs_windows
     assert recipe("aa-svd", anchor=False).anchor is None and recipe("svd-llm", anchor=0).anchor == 0.0
     assert recipe("aa-svd", refine_steps=0).refine_steps == 0 and not recipe("svd-llm").needs_windows
+    best = recipe("best")  # the measured combination (README, "Choosing the error-aware defaults")
+    assert (best.allocation, best.anchor, best.refine_steps, best.update) == ("sensitivity", 0.25, 32, False)
     with pytest.raises(UserError, match="compress.update: the anchored closed form already fits A and B jointly"):
         recipe("aa-svd", update=True)
     with pytest.raises(UserError, match=r"compress.anchor: expected false \(off\) or a blend beta in \[0, 1\], got 2.0"):
