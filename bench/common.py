@@ -4,6 +4,7 @@ import json
 import platform
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -52,3 +53,8 @@ def write_json(path: str | None, module: str, argv: list[str] | None, result: di
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def previous_rows(path: str | None) -> list[dict]:
+    """The rows a bench wrote to --json before, so that a rerun adds only what is missing."""
+    return json.loads(Path(path).read_text())["rows"] if path and Path(path).is_file() else []

@@ -27,7 +27,7 @@ from svdcore.covariances import collect_grams, linear_shapes, save_layer
 from svdcore.decompose import ROUTES
 from svdcore.methods import PRESETS, recipe
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.ranks import allocate, parameter_count, round_to_multiple, uniform_ranks
+from svdcore.ranks import allocate, parameter_count
 from svdcore.timing import Sections
 
 
@@ -68,10 +68,8 @@ def main(argv=None):
     windows = random_windows(model.config.vocab_size, args.samples, args.seqlen)
     shapes = linear_shapes(model)
     method = recipe(args.method, refine_steps=args.refine_steps)
-    if method.allocation == "last-k":
-        ranks, _ = allocate(shapes, args.ratio, method.allocation, None, method.last_layers, args.rank_multiple)
-    else:
-        ranks = round_to_multiple(shapes, uniform_ranks(shapes, args.ratio), args.rank_multiple)
+    allocation = method.allocation if method.allocation == "last-k" else "uniform"  # the others need measurements
+    ranks, _ = allocate(shapes, args.ratio, allocation, None, method.last_layers, args.rank_multiple)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

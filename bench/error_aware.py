@@ -12,13 +12,12 @@ compression's wall time by phase (two-stream forward, statistics, decompositions
 Prints a row per variant as it lands and writes --json after each; nothing here is asserted.
 """
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import parser as bench_parser, peak_memory, table, write_json
+from bench.common import parser as bench_parser, peak_memory, previous_rows, table, write_json
 from svdcore.atomic import read_json
 from svdcore.compress import compress_model
 from svdcore.evaluation import evaluate_model
@@ -99,7 +98,7 @@ def main(argv=None):
     windows = load_calibration()
     score = lambda model, label: evaluate_model(model, tokenizer, ["wikitext2-valid", "ptb-valid"], 512,  # noqa: E731
                                                 args.windows, 4, device, label)[0]["ppl"]
-    previous = json.loads(Path(args.json).read_text())["rows"] if args.json and Path(args.json).is_file() else []
+    previous = previous_rows(args.json)
     done = {(r["ratio"], r["variant"]) for r in previous}
     rows = previous or [{"ratio": 0.0, "variant": "dense", **score(dense, "dense")}]
     for ratio in args.ratios:

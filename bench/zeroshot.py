@@ -10,11 +10,9 @@ Prints per-task acc / acc_norm and the mean over tasks with its standard error (
 standard errors combined, as independent), and each method's margin over chance; writes --json
 after every method. Nothing here is asserted.
 """
-import json
 import time
-from pathlib import Path
 
-from bench.common import parser as bench_parser, peak_memory, table, write_json
+from bench.common import parser as bench_parser, peak_memory, previous_rows, table, write_json
 from svdcore.model import load_model, load_tokenizer, resolve_device, resolve_dtype
 from svdcore.params import load
 from svdcore.zeroshot import evaluate_zeroshot
@@ -40,7 +38,7 @@ def main(argv=None):
     device = resolve_device(params["device"] if args.device == "auto" else args.device)
     tokenizer = load_tokenizer(params["model"]["name"])
     zs = params["zeroshot"]
-    previous = json.loads(Path(args.json).read_text())["rows"] if args.json and Path(args.json).is_file() else []
+    previous = previous_rows(args.json)
     rows = [r for r in previous if r["limit"] == args.limit and r["ratio"] in (0.0, args.ratio)]
     done = {r["method"] for r in rows}
     for method in args.methods:
