@@ -32,7 +32,7 @@ def variant(shape, dtype, device, ratio, multiple):
         gen = torch.Generator(device).manual_seed(1)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith((".A", ".B")):
+                if name.endswith((".reduce.weight", ".expand.weight")):
                     p.normal_(0, 0.02, generator=gen)
     return model.eval()
 

@@ -26,7 +26,7 @@ from bench.common import table, write_json
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
           "allocate-ranks",
-          "truncate-and-update", "evaluate-dense", "evaluate")
+          "truncate-and-update", "quantize", "evaluate-dense", "evaluate")
 
 
 def run(args, cwd, env):

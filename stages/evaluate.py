@@ -7,7 +7,7 @@ from svdcore.evaluation import directory_bytes, evaluate_model, linear_parameter
 from svdcore.generation import check_same_prompts, generate_samples, side_by_side
 from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.tracking import log_run
+from svdcore.tracking import log_run, output_md5
 from svdcore.zeroshot import check_same_protocol, evaluate_zeroshot
 from stages.common import STAGE_METRICS, STARTED, peak_memory, run
 from stages.truncate_and_update import MODEL_DIR, REPORT
@@ -56,8 +56,10 @@ def work(params):
 
     stages = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings") for name in UPSTREAM}
     stages["evaluate"] = {**runtime, "wall_s": time.perf_counter() - STARTED, **peak_memory()}
+    # the model version and the run find each other: the run is tagged with the model's DVC hash
     log_run(params["mlflow"]["experiment"], params, {**metrics, "stages": stages},
-            [OUT, SAMPLES, "artifacts/ranks.json", REPORT])
+            [OUT, SAMPLES, "artifacts/ranks.json", REPORT, f"{MODEL_DIR}/README.md"],
+            tags={"model_md5": output_md5("truncate-and-update", MODEL_DIR)})
     return runtime
 
 

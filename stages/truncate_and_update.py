@@ -1,13 +1,17 @@
 """truncate-and-update: factorize every allocated linear and save the compressed model."""
+import torch
+
 from svdcore.atomic import atomic_path, read_json, write_json
+from svdcore.card import model_card
 from svdcore.compress import compress_model
 from svdcore.covariances import linear_shapes
 from svdcore.errors import UserError
 from svdcore.fisher import load_fisher
 from svdcore.lowrank import save_compressed
 from svdcore.methods import recipe_from_params
-from svdcore.model import load_model, load_tokenizer, resolve_device, resolve_dtype
+from svdcore.model import checkpoint_dtype, load_model, load_tokenizer, resolve_device, resolve_dtype
 from svdcore.ranks import check_ranks
+from svdcore.tracking import git_sha, repository_root
 from stages.common import run
 from stages.io import load_calibration
 
@@ -37,9 +41,14 @@ def work(params):
     cov = params["covariances"]
     report = compress_model(model, allocation["ranks"], recipe, "artifacts/stats", device, windows, cov["batch_size"],
                             route=compress["route"], offload=cov["offload_activations"], fisher=fisher)
+    save_dtype = compress["save_dtype"]
+    save_dtype = checkpoint_dtype(params["model"]["name"]) if save_dtype == "auto" else getattr(torch, save_dtype)
+    card = model_card(params, recipe.describe(), allocation, str(save_dtype).removeprefix("torch."),
+                      git_sha(repository_root()))
     with atomic_path(MODEL_DIR, is_dir=True) as tmp:
         save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
-                                                      **recipe.describe()})
+                                                      **recipe.describe()}, dtype=save_dtype)
+        (tmp / "README.md").write_text(card)
     write_json(REPORT, report)
     return {}
 

@@ -8,7 +8,7 @@ from torch import nn
 from . import modeling_svdcore
 from .errors import UserError
 from .model import LOAD_ERRORS
-from .modeling_svdcore import LowRankLinear, install_low_rank
+from .modeling_svdcore import FACTORS, LowRankLinear, install_low_rank
 
 MODELING_FILE = Path(modeling_svdcore.__file__)
 
@@ -21,20 +21,24 @@ def replace_linear(model: nn.Module, name: str, a, b) -> None:
     low.A.data.copy_(a.to(low.A.dtype))  # narrowed where the factors are (a GPU), then copied
     low.B.data.copy_(b.to(low.B.dtype))
     if bias is not None:
-        low.bias.data.copy_(bias.data)
+        low.expand.bias.data.copy_(bias.data)
 
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None = None) -> None:
-    """save_pretrained (safetensors) + the ranks in config.json + the modeling file in auto_map."""
+def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None = None, dtype=None) -> None:
+    """save_pretrained (safetensors) + the ranks in config.json + the modeling file in auto_map.
+    `dtype`: what the weights are stored in (the model is cast to it in place); None keeps the
+    model's own. from_pretrained(dtype=...) computes in any dtype whatever the stored one."""
     directory = Path(directory)
+    if dtype is not None:
+        model.to(dtype)
     base = type(model).__name__
     config = model.config
-    config.svdcore = {"base_architecture": base, "ranks": dict(sorted(low_rank_ranks(model).items())),
-                      **(extra or {})}
+    config.svdcore = {"base_architecture": base, "factors": FACTORS,
+                      "ranks": dict(sorted(low_rank_ranks(model).items())), **(extra or {})}
     config.auto_map = {"AutoModelForCausalLM": "modeling_svdcore.SVDCoreForCausalLM"}
     try:
         model.save_pretrained(directory, safe_serialization=True)
@@ -58,6 +62,9 @@ def load_compressed(directory, dtype=None):
     svd = json.loads(config_path.read_text()).get("svdcore")
     if not svd:
         raise UserError(f"compressed model: {config_path} has no svdcore section (not made by svdcore)")
+    if svd.get("factors") != FACTORS:  # before 2026-12: bare parameters A and B, not two nn.Linear
+        raise UserError(f"compressed model: {directory} holds its factors as bare parameters A and B (an older "
+                        f"svdcore); load it with transformers and trust_remote_code=True, or redo it: dvc repro")
     config = AutoConfig.from_pretrained(directory)
     cls = modeling_svdcore.low_rank_class(svd["base_architecture"])
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
+from .modeling_svdcore import LowRankLinear
 
 # What from_pretrained raises for a missing, foreign or damaged checkpoint.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -70,6 +71,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def checkpoint_dtype(name: str) -> torch.dtype:
+    """The dtype the source checkpoint stores its weights in (compress.save_dtype auto): what the
+    config of a model directory or hub id says (float32 when it says nothing), bfloat16 for a GGUF,
+    whose quantized blocks have no float dtype of their own and carry well under 16 bits a weight."""
+    from transformers import AutoConfig
+
+    source = resolve(name)
+    if source.gguf_file:
+        return torch.bfloat16
+    config = _from_pretrained(AutoConfig, source, "config")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
@@ -187,8 +204,11 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """The linears of one decoder layer, by their name inside the layer, in module order."""
-    return {name: m for name, m in layer.named_modules() if is_linear(m)}
+    """The linears of one decoder layer, by their name inside the layer, in module order. The two
+    factors of a low-rank linear are nn.Linear modules too, but they are one compressed linear, not
+    linears of their own: left out."""
+    low = {name for name, m in layer.named_modules() if isinstance(m, LowRankLinear)}
+    return {name: m for name, m in layer.named_modules() if is_linear(m) and name.rpartition(".")[0] not in low}
 
 
 def named_linears(model: nn.Module) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ from .calibration import SAMPLERS
 from .errors import UserError
 from .decompose import ROUTES
 from .methods import ALLOCATIONS, METRICS, PRESETS
+from .quantize import SCHEMES as QUANTIZE_SCHEMES
 from .zeroshot_data import TASKS as ZEROSHOT_TASKS
 
 METHODS = tuple(PRESETS)
@@ -136,9 +137,10 @@ SCHEMA = {
                  "residual_fraction": _optional(_share, "the method's own"),
                  "residual_metric": _optional(_choice(METRICS), "the method's own"),
                  "last_layers": _optional(_int(1), "the rule of svdcore.methods.last_layers_rule"),
-                 "route": _choice(ROUTES), "rank_multiple": _int(1), "anchor": _anchor,
+                 "route": _choice(ROUTES), "rank_multiple": _int(1), "anchor": _anchor, "save_dtype": _choice(DTYPES),
                  "refine": {"steps": _optional(_int(0), "the method's own"), "lr": _learning_rate,
                             "holdout": _holdout}},
+    "quantize": {"scheme": _choice(QUANTIZE_SCHEMES)},
     "sensitivity": {"samples": _int(1), "seed": _int(0)},
     "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
                  "batch_size": _int(1)},

@@ -30,12 +30,13 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
-    """What refinement trains, by name inside the layer: the factors A and B of every low-rank
-    linear and the weight of every norm. Everything else (dense linears, biases) stays as it is."""
+    """What refinement trains, by name inside the layer: both factors of every low-rank linear
+    (expand.weight = A, reduce.weight = B) and the weight of every norm. Everything else (dense
+    linears, biases) stays as it is."""
     params = {}
     for name, module in layer.named_modules():
         if isinstance(module, LowRankLinear):
-            params[f"{name}.A"], params[f"{name}.B"] = module.A, module.B
+            params[f"{name}.expand.weight"], params[f"{name}.reduce.weight"] = module.A, module.B
         elif is_norm(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
             params[f"{name}.weight"] = module.weight
     return params

@@ -32,6 +32,19 @@ def git_sha(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def output_md5(stage: str, path: str, lock: Path = Path("dvc.lock")) -> str:
+    """The DVC hash of a stage's output as dvc.lock records it (a directory's ends in .dir): what
+    `dvc checkout` brings back. DVC writes a stage's lock entry as soon as the stage finishes, so
+    the stages after it can read it. "unknown" when the lock does not hold it."""
+    import yaml
+
+    try:
+        outs = yaml.safe_load(lock.read_text())["stages"][stage]["outs"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "unknown"
+    return next((o.get("md5", "unknown") for o in outs if o.get("path") == path), "unknown")
+
+
 def numeric_metrics(tree: dict) -> dict:
     """The numbers of a nested dict, flattened (MLflow takes floats only)."""
     return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -53,11 +66,11 @@ def open_experiment(experiment: str) -> dict:
     return tags
 
 
-def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
-    """Log params, numeric metrics and artifact files; return the run id."""
+def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str], tags: dict | None = None) -> str:
+    """Log params, numeric metrics, artifact files and extra tags; return the run id."""
     import mlflow
 
-    tags = open_experiment(experiment)
+    tags = {**open_experiment(experiment), **(tags or {})}
     with mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
         mlflow.log_metrics(numeric_metrics(metrics))

