@@ -14,8 +14,6 @@ OUT = "metrics/quantize.json"
 
 
 def work(params):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     scheme = params["quantize"]["scheme"]
     if scheme == "none":
@@ -23,6 +21,8 @@ def work(params):
             (tmp / "README.md").write_text("quantize.scheme is none in params.yaml: no quantized model here.\n")
         write_json(OUT, {"scheme": scheme})
         return {"scheme": scheme}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = quantize_model(MODEL_DIR, scheme)
     quantized, linears = quantized_linears(model)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)

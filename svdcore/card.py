@@ -2,6 +2,7 @@
 YAML header the hub reads (base model, library, tags), then what was done to the model, how to use
 it, and the commit and params that reproduce it."""
 import statistics
+from pathlib import Path
 
 import yaml
 
@@ -17,7 +18,8 @@ def hub_id(name: str) -> str | None:
     if name in HUB_IDS:
         return HUB_IDS[name]
     parts = name.split("/")
-    return name if len(parts) == 2 and all(parts) and not name.startswith((".", "/")) and "." not in parts[0] else None
+    local = name.endswith(".gguf") or name.startswith((".", "/")) or Path(name).exists()
+    return name if len(parts) == 2 and all(parts) and not local else None
 
 
 def rank_summary(ranks: dict, shapes: dict) -> list[dict]:
@@ -45,7 +47,7 @@ def model_card(params: dict, recipe: dict, allocation: dict, save_dtype: str, gi
         f"| `{r['linear']}` | {r['count']} | {r['full_rank']} | "
         + (f"{r['rank'][0]} / {r['rank'][1]:g} / {r['rank'][2]}" if r["rank"] else "-") + f" | {r['dense']} |"
         for r in rank_summary(allocation["ranks"], allocation["shapes"]))
-    knobs = ", ".join(f"{k} {v}" for k, v in recipe.items() if v not in (None, False, 0, 0.0))
+    knobs = ", ".join(f"{k} {v}" for k, v in recipe.items() if v is not None and v is not False)
     reproduce = yaml.safe_dump({k: params[k] for k in REPRODUCING if k in params}, sort_keys=False).rstrip()
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).rstrip()}

@@ -63,8 +63,9 @@ def load_compressed(directory, dtype=None):
     if not svd:
         raise UserError(f"compressed model: {config_path} has no svdcore section (not made by svdcore)")
     if svd.get("factors") != FACTORS:  # before 2026-12: bare parameters A and B, not two nn.Linear
-        raise UserError(f"compressed model: {directory} holds its factors as bare parameters A and B (an older "
-                        f"svdcore); load it with transformers and trust_remote_code=True, or redo it: dvc repro")
+        raise UserError(f"compressed model: {directory} was saved with factors {svd.get('factors')!r}, not 'linear' "
+                        f"(before, svdcore saved bare parameters A and B); load it with transformers and "
+                        f"trust_remote_code=True, or redo it: dvc repro")
     config = AutoConfig.from_pretrained(directory)
     cls = modeling_svdcore.low_rank_class(svd["base_architecture"])
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -166,7 +166,8 @@ def test_a_model_saved_with_bare_factor_parameters_is_refused_with_how_to_redo_i
     config = json.loads((tmp_path / "old/config.json").read_text())
     del config["svdcore"]["factors"]  # what svdcore wrote before the factors were nn.Linear modules
     (tmp_path / "old/config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"bare parameters A and B .* trust_remote_code=True, or redo it: dvc repro"):
+    with pytest.raises(UserError, match=r"saved with factors None, not 'linear' \(before, svdcore saved bare "
+                                        r"parameters A and B\); .* trust_remote_code=True, or redo it: dvc repro"):
         load_compressed(tmp_path / "old")
 
 
@@ -197,11 +198,13 @@ def test_model_card_header_ranks_and_reproduction():
         {"linear": "down_proj", "count": 1, "dense": 1, "full_rank": 64, "rank": None}]
     allocation = {"ranks": ranks, "shapes": shapes, "linear_ratio": 0.2012, "linear_params_compressed": 800,
                   "linear_params_dense": 1000, "strategy": "uniform", "rank_multiple": 1}
-    card = model_card(params, {"metric": "whitening", "update": False}, allocation, "bfloat16", "abc123")
+    card = model_card(params, {"metric": "whitening", "update": False, "anchor": 0.0}, allocation, "bfloat16", "abc123")
     header = yaml.safe_load(card.split("---\n")[1])
     assert header == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "library_name": "transformers",
                       "pipeline_tag": "text-generation", "tags": ["svdcore", "low-rank", "svd", "svd-llm"]}
-    assert "| `q_proj` | 3 | 64 | 8 / 16 / 30 | 0 |" in card and "0.2012" in card and "`abc123`" in card
+    assert "| `q_proj` | 3 | 64 | 8 / 16 / 30 | 0 |" in card and "0.2012 removed" in card and "`abc123`" in card
+    assert "(metric whitening, anchor 0.0) |" in card  # 0 is a value (whitening on X~), not off
     reproduce = yaml.safe_load(card.rsplit("```yaml\n", 1)[1].split("```")[0])
     assert reproduce["compress"] == params["compress"] and "evaluate" not in reproduce
     assert hub_id("org/model") == "org/model" and hub_id("./dir/model") is None and hub_id("/abs/path") is None
+    assert hub_id("models/x.gguf") is None and hub_id("tests/conftest.py") is None  # local files, not hub ids
