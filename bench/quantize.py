@@ -24,7 +24,7 @@ from svdcore.evaluation import evaluate_model
 from svdcore.lowrank import save_compressed
 from svdcore.methods import recipe
 from svdcore.model import load_model, load_tokenizer, resolve_device
-from svdcore.quantize import quantize_model, quantized_linears
+from svdcore.quantize import save_quantized
 from svdcore.ranks import allocate
 
 STORAGES = ("float32", "bfloat16", "int8")
@@ -38,11 +38,8 @@ def saved(model, tokenizer, directory: Path, storage: str, ratio: float) -> Path
     """`model` stored in `storage` under `directory`; int8 from the bfloat16 copy (saved first)."""
     out = directory / f"{ratio}-{storage}"
     if storage == "int8":
-        quantized = quantize_model(saved(model, tokenizer, directory, "bfloat16", ratio), "int8")
-        done, linears = quantized_linears(quantized)
+        done, linears = save_quantized(saved(model, tokenizer, directory, "bfloat16", ratio), out, "int8")
         print(f"ratio {ratio}: torchao quantized {done} of {linears} linears", flush=True)
-        quantized.save_pretrained(out)
-        tokenizer.save_pretrained(out)
     elif not out.is_dir():
         copy = deepcopy(model).to(getattr(torch, storage))  # the float32 original stays as it is
         if ratio:

@@ -5,7 +5,7 @@ disk and perplexities go to metrics/quantize.json. With scheme none the folder h
 from svdcore.atomic import atomic_path, write_json
 from svdcore.evaluation import directory_bytes, evaluate_model
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.quantize import quantize_model, quantized_linears
+from svdcore.quantize import save_quantized
 from stages.common import run
 from stages.truncate_and_update import MODEL_DIR
 
@@ -23,14 +23,10 @@ def work(params):
         return {"scheme": scheme}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = quantize_model(MODEL_DIR, scheme)
-    quantized, linears = quantized_linears(model)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     with atomic_path(QUANTIZED, is_dir=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        quantized, linears = save_quantized(MODEL_DIR, tmp, scheme)
     # scored as a user gets it: loaded back from disk, computing in model.dtype as the evaluate stage does
-    del model
+    tokenizer = AutoTokenizer.from_pretrained(QUANTIZED)
     model = AutoModelForCausalLM.from_pretrained(QUANTIZED, trust_remote_code=True,
                                                  dtype=resolve_dtype(params["model"]["dtype"], device)).eval()
     ev = params["evaluate"]

@@ -51,3 +51,15 @@ def quantized_linears(model) -> tuple[int, int]:
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return sum(isinstance(m.weight, TorchAOBaseTensor) for m in linears), len(linears)
+
+
+def save_quantized(source, out, scheme: str) -> tuple[int, int]:
+    """quantize_model(source) saved with source's tokenizer to `out`, where from_pretrained reloads
+    it; returns quantized_linears of it."""
+    from transformers import AutoTokenizer
+
+    model = quantize_model(source, scheme)
+    counts = quantized_linears(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return counts
