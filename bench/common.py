@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """The options every benchmark takes: which model shape, on which device, in which dtype."""
+OPTIONS = {"shape": "smollm2", "device": "auto", "dtype": "auto"}  # which model shape, on which device, in which dtype
+
+
+def parser(doc: str, *options: str) -> argparse.ArgumentParser:
+    """A benchmark's command line with those of the shared OPTIONS it honours."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="smollm2")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    for name in options:
+        p.add_argument(f"--{name}", default=OPTIONS[name])
     return p
 
 

@@ -22,8 +22,8 @@ import torch
 from bench.common import device_name, parser as bench_parser, peak_memory, table, write_json
 from bench.shapes import random_llama, random_windows
 from svdcore import streaming
-from svdcore.compress import compress_model
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import collect_grams, compress_model
+from svdcore.covariances import linear_shapes, save_layer
 from svdcore.decompose import ROUTES
 from svdcore.methods import PRESETS, recipe
 from svdcore.model import resolve_device, resolve_dtype
@@ -46,7 +46,7 @@ def build(args, device):
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, "shape", "device", "dtype")
     parser.add_argument("--model", help="a real model instead of --shape (as model.name in params.yaml)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)

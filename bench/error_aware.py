@@ -81,7 +81,7 @@ def costs_for(model, device) -> dict:
 
 
 def main(argv=None):
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, "device")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2])
     p.add_argument("--variants", nargs="+", default=["svd-llm", "anchor-1", "aa-svd-32"],

@@ -95,7 +95,7 @@ def decode_tokens_per_s(model, device, batch, prompt, steps):
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, "shape", "device", "dtype")
     parser.add_argument("--ratios", default="0.2,0.4")
     parser.add_argument("--rank-multiples", default="1,64")
     parser.add_argument("--prefill-batch", type=int, default=8)

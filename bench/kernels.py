@@ -85,7 +85,7 @@ def overlap(device, sym: torch.Tensor, gemms: int, eighs: int) -> dict:
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, "device")
     parser.add_argument("--size", type=int, default=4096, help="eigh and Gram width (7B: 4096; 11008 for down_proj)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ def saved(model, tokenizer, directory: Path, storage: str, ratio: float) -> Path
 
 
 def main(argv=None):
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, "device")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4], help="0 = the dense model")
     p.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)

@@ -24,9 +24,11 @@ import yaml
 from bench.common import table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
-          "allocate-ranks",
-          "truncate-and-update", "quantize", "evaluate-dense", "evaluate")
+
+
+def stage_names(pipeline: Path = ROOT / "dvc.yaml") -> list[str]:
+    """The stages of a dvc.yaml, in the order it lists them: the one place stage names are kept."""
+    return list(yaml.safe_load(pipeline.read_text())["stages"])
 
 
 def run(args, cwd, env):
@@ -34,6 +36,13 @@ def run(args, cwd, env):
     if done.returncode:
         raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout + done.stderr
+
+
+def project_env() -> tuple[dict, list[str]]:
+    """The environment a scratch project's commands run in, and the dvc command."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+    return env, [sys.executable, "-m", "dvc"]
 
 
 def scratch_project(work: Path) -> tuple[dict, list[str]]:
@@ -47,9 +56,7 @@ def scratch_project(work: Path) -> tuple[dict, list[str]]:
     (work / "sweep").mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / "sweep" / name, work / "sweep" / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
-    dvc = [sys.executable, "-m", "dvc"]
+    env, dvc = project_env()
     run(["git", "init", "-q"], work, env)
     run(dvc + ["init", "-q"], work, env)
     return env, dvc
@@ -71,7 +78,7 @@ def repro(work: Path, env: dict, dvc: list[str], target: str | None) -> dict:
     start = time.perf_counter()
     log = run(dvc + ["repro", *([target] if target else [])], work, env)
     figures = {"dvc repro": time.perf_counter() - start}
-    for stage in STAGES:  # the stages that ran now (the others' figures are from an earlier run)
+    for stage in stage_names():  # the stages that ran now (the others' figures are from an earlier run)
         if f"Running stage '{stage}'" in log:
             figures[stage] = json.loads((work / "metrics/stages" / f"{stage}.json").read_text())["wall_s"]
     return figures
@@ -104,7 +111,7 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
 
     rows = [{"stage": name, "first_s": first.get(name, "-"), "after_ratio_change_s": second.get(name, "-")}
-            for name in (*STAGES, "dvc repro") if name in first]
+            for name in (*stage_names(), "dvc repro") if name in first]
     share = second["dvc repro"] / first["dvc repro"]
     print(f"\nfirst full run vs a change of compress.ratio to {args.to} ({args.target or 'whole pipeline'}; "
           f"overrides {overrides or 'none'})")

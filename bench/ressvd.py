@@ -33,7 +33,7 @@ VARIANTS = [
 
 
 def main():
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, "device")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--windows", type=int, default=16)

@@ -2,7 +2,7 @@
 
     python -m bench.zeroshot --methods dense svd-llm ressvd best --ratio 0.2 --limit 200
 
-Each method is compressed as its sweep point is (`stages.sweep_point.compress_point`: the main
+Each method is compressed as its sweep point is (`stages.sweep_common.compress_point`: the main
 pipeline's statistics, the preset's knobs, params.yaml's route and rank multiple; `dvc repro`
 and, for the fisher or sensitivity allocation, the sweep's fisher / sensitivity stages first),
 then scored by lm-eval on the first --limit items of every task of params.yaml's `zeroshot`.
@@ -25,14 +25,14 @@ def mean_stderr(tasks: dict, metric: str) -> float:
 
 
 def main(argv=None):
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, "device")
     p.add_argument("--methods", nargs="+", default=["dense", "svd-llm", "ressvd", "best"],
                    help="dense, or sweep methods (a preset, optionally +update)")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from stages.sweep_point import compress_point
+    from stages.sweep_common import compress_point
 
     params = load()
     device = resolve_device(params["device"] if args.device == "auto" else args.device)

@@ -2,7 +2,8 @@
 from concurrent.futures import ThreadPoolExecutor
 
 from svdcore.atomic import atomic_path, write_json
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import collect_grams
+from svdcore.covariances import linear_shapes, save_layer
 from svdcore.errors import UserError
 from svdcore.model import load_model, resolve_device, resolve_dtype
 from stages.common import run

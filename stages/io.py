@@ -4,6 +4,18 @@ from pathlib import Path
 from svdcore.errors import UserError
 
 CALIBRATION = Path("artifacts/calibration.safetensors")
+MODEL_DIR = "models/compressed"  # truncate-and-update's model, read by evaluate and quantize
+REPORT = "metrics/compress.json"  # truncate-and-update's compression report
+
+
+def point_file(method: str, ratio: float) -> str:
+    """A sweep point's perplexities (sweep-point), read by the sweep report."""
+    return f"sweep/points/{method}@{ratio}.json"
+
+
+def zeroshot_file(method: str, ratio: float) -> str:
+    """A sweep point's zero-shot scores (sweep-zeroshot), read by the sweep report."""
+    return f"sweep/zeroshot/{method}@{ratio}.json"
 
 
 def load_calibration():

@@ -7,7 +7,7 @@ from svdcore.evaluation import directory_bytes, evaluate_model
 from svdcore.model import resolve_device, resolve_dtype
 from svdcore.quantize import save_quantized
 from stages.common import run
-from stages.truncate_and_update import MODEL_DIR
+from stages.io import MODEL_DIR
 
 QUANTIZED = "models/quantized"
 OUT = "metrics/quantize.json"

@@ -6,11 +6,10 @@ from pathlib import Path
 from svdcore.atomic import read_json, write_json
 from svdcore.methods import Recipe
 from svdcore.params import load as load_params, validate_sweep
-from svdcore.sweep_report import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
 from svdcore.zeroshot import check_same_protocol
 from stages.common import STAGE_METRICS, run
-from stages.sweep_point import point_file
-from stages.sweep_zeroshot import zeroshot_file
+from stages.io import point_file, zeroshot_file
+from stages.sweep_tables import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
 
 SWEEP = Path("sweep")
 RESULTS = SWEEP / "results"

@@ -11,11 +11,8 @@ from svdcore.atomic import write_json
 from svdcore.model import load_tokenizer, resolve_device
 from svdcore.zeroshot import evaluate_zeroshot
 from stages.common import STARTED, peak_memory, run
-from stages.sweep_point import compress_point
-
-
-def zeroshot_file(method: str, ratio: float) -> str:
-    return f"sweep/zeroshot/{method}@{ratio}.json"
+from stages.io import zeroshot_file
+from stages.sweep_common import compress_point
 
 
 def work(params, method: str, ratio: float) -> dict:

@@ -11,12 +11,10 @@ from svdcore.lowrank import save_compressed
 from svdcore.methods import recipe_from_params
 from svdcore.model import checkpoint_dtype, load_model, load_tokenizer, resolve_device, resolve_dtype
 from svdcore.ranks import check_ranks
-from svdcore.tracking import git_sha, repository_root
 from stages.common import run
-from stages.io import load_calibration
+from stages.io import MODEL_DIR, REPORT, load_calibration
+from stages.tracking import git_sha, repository_root
 
-MODEL_DIR = "models/compressed"
-REPORT = "metrics/compress.json"
 FISHER = "artifacts/fisher.safetensors"
 
 

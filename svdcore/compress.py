@@ -9,7 +9,8 @@ as compressed so far). For each layer the loop
   2. truncates the layer's linears group by group in forward order (the linears that read one
      tensor form a group: q/k/v, then o, then gate/up, then down), each group's statistics on X~
      taken through the layer as compressed so far, so that shift inside a block counts too; the
-     closed-form update refits each A right after its truncation;
+     closed-form update refits each A right after its truncation; the windows the refinement
+     holds out feed none of these statistics;
   3. refines the block, if asked: AdamW on its factors and norms, the compressed block on X~
      against the dense block on X (svdcore.refine);
   4. advances both streams.
@@ -31,7 +32,7 @@ from .lowrank import replace_linear
 from .methods import Recipe, recipe as preset, split_rank
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
 from .progress import progress as tqdm
-from .refine import refine_block
+from .refine import heldout_batches, refine_block
 from .streaming import capture_layer_inputs, check_finite, input_groups, layer_mover, linear_inputs, park, run_layer
 from .timing import section
 
@@ -334,6 +335,10 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                 per_group = recipe.anchor is not None or recipe.update  # statistics of the compressed prefix
                 stats = None if recipe.anchor is not None else dense_stats or disk_stats(index)
                 frozen = copy.deepcopy(layer) if recipe.anchor else None  # the dense layer, for the cross term
+                # the windows refinement watches never feed the closed form: fitted to them, the closed
+                # form would look better on them than it is, and refinement would stop too early
+                fitted = len(kwargs) - (heldout_batches(len(kwargs), recipe.refine_holdout)
+                                        if recipe.refine_steps else 0)
                 groups = (_forward_order(index, layer, linears, shifted[0], kwargs[0], device) if per_group
                           else {None: list(chosen)})
                 for group, members in groups.items():
@@ -343,7 +348,7 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                     cache, cross = {}, None
                     if per_group:
                         shifted_stats, cross = _shifted_statistics(index, group, members, layer, frozen, shifted,
-                                                                   dense, kwargs, device)
+                                                                   dense, kwargs[:fitted], device)
                         if recipe.anchor is not None:
                             stats = shifted_stats
                     for local in names:
@@ -389,3 +394,11 @@ def _gap(shifted: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
     num = sum(float((s.double() - d.double()).square().sum()) for s, d in zip(shifted, dense))
     den = sum(float(d.double().square().sum()) for d in dense)
     return (num / den) ** 0.5 if den else 0.0
+
+
+def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer,
+                  offload: bool = False) -> None:
+    """The statistics pass: stream the model and call `on_layer(index, LayerStats)` for every
+    layer (`offload`: keep the activations in pinned CPU memory between layers). It is the layer
+    loop of svdcore.compress with nothing to compress."""
+    compress_model(model, {}, "svd-llm", None, device, windows, batch_size, offload=offload, on_stats=on_layer)

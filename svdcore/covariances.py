@@ -1,4 +1,5 @@
-"""The statistics pass: one Gram matrix per distinct linear input, layer by layer.
+"""The statistics of the linears' inputs on disk: one Gram matrix per distinct linear input, a
+file per decoder layer (the statistics pass that makes them is svdcore.compress.collect_grams).
 
 Linears that read the same tensor (q/k/v, gate/up) share one Gram; sharing is found from the
 forward pass itself (same input tensor object), so no architecture table is needed.
@@ -35,16 +36,6 @@ class LayerStats:
 
 def layer_file(stats_dir, index: int) -> Path:
     return Path(stats_dir) / f"layer_{index:03d}.safetensors"
-
-
-def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer,
-                  offload: bool = False) -> None:
-    """The statistics pass: stream the model and call `on_layer(index, LayerStats)` for every
-    layer (`offload`: keep the activations in pinned CPU memory between layers). It is the layer
-    loop of svdcore.compress with nothing to compress."""
-    from .compress import compress_model
-
-    compress_model(model, {}, "svd-llm", None, device, windows, batch_size, offload=offload, on_stats=on_layer)
 
 
 def save_layer(stats_dir, index: int, stats: LayerStats) -> None:

@@ -4,15 +4,18 @@ Each check names the key, the value and what is allowed, so a user error is one 
 """
 from pathlib import Path
 
-from .calibration import SAMPLERS
 from .errors import UserError
 from .decompose import ROUTES
 from .methods import ALLOCATIONS, METRICS, PRESETS
-from .quantize import SCHEMES as QUANTIZE_SCHEMES
-from .zeroshot_data import TASKS as ZEROSHOT_TASKS
 
+# the choices params.yaml offers; the modules that act on them import them from here, so that
+# reading params.yaml never imports what it configures (a stage depends on what it imports)
 METHODS = tuple(PRESETS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLERS = ("tokens", "chars")  # calibration.sampler (svdcore.calibration)
+QUANTIZE_SCHEMES = ("none", "int8")  # quantize.scheme (svdcore.quantize)
+# zeroshot.tasks: lm-eval's names of the seven tasks the SVD-LLM papers report (svdcore.zeroshot_data)
+ZEROSHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa", "mathqa")
 
 
 def _int(lo=None, hi=None):

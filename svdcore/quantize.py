@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-
-SCHEMES = ("none", "int8")
+from .params import QUANTIZE_SCHEMES as SCHEMES
 
 
 def torchao_config(scheme: str):

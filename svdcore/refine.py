@@ -42,6 +42,13 @@ def trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def heldout_batches(batches: int, holdout: float) -> int:
+    """How many of the calibration batches (the last ones) refinement holds out: ceil(holdout x
+    batches), leaving at least one to train on. The layer loop keeps them out of the closed form's
+    statistics too, so that the held-out loss judges the closed form and the steps alike."""
+    return min(batches - 1, math.ceil(holdout * batches)) if holdout > 0 else 0
+
+
 def learning_rate(step: int, steps: int, peak: float) -> float:
     """Linear warm-up over the first WARMUP of the steps, then cosine decay to FINAL_LR x peak."""
     warm = max(1, round(WARMUP * steps))
@@ -69,7 +76,7 @@ def refine_block(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     held out (the windows are drawn at random, so they are as good a sample as any) and never
     trained on. Returns the held-out loss before and after, the steps and epochs run."""
     batches = len(inputs)
-    held = min(batches - 1, math.ceil(holdout * batches)) if holdout > 0 else 0
+    held = heldout_batches(batches, holdout)
     train, watch = list(range(batches - held)), list(range(batches - held, batches))
     params = trainable(layer)
     dtype = next(iter(params.values())).dtype

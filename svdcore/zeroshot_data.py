@@ -13,9 +13,6 @@ from pathlib import Path
 from .data import data_dir
 from .errors import UserError
 
-# lm-eval's names of the seven tasks the SVD-LLM papers report.
-TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa", "mathqa")
-
 # The split each lm-eval task scores (its test split where it has one, else validation).
 SPLITS = {"piqa": "validation", "arc_easy": "test", "arc_challenge": "test", "hellaswag": "validation",
           "winogrande": "validation", "openbookqa": "test", "mathqa": "test"}

@@ -82,6 +82,16 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def pipeline_stages() -> list[tuple[str, str]]:
+    """(stage name, module under stages/) of every stage of dvc.yaml, in its order."""
+    import re
+
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return [(name, re.match(r"python -m stages\.(\w+)", stage["cmd"]).group(1)) for name, stage in stages.items()]
+
+
 def sh(args, cwd, env):
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -101,11 +111,34 @@ def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
     from bench.ratio_change import scratch_project
 
     env, dvc = scratch_project(work)
+    # zero-shot on one task: the scorer has tests of its own for all seven (test_zeroshot.py)
     set_params(work, device="cpu", model__name=str(model_dir), calibration__samples=6,
                calibration__seqlen=32, covariances__batch_size=2, evaluate__seqlen=32,
-               evaluate__max_windows=3, zeroshot__limit=2, generate__max_new_tokens=6, compress__ratio=0.2,
-               compress__rank_multiple=1)  # 64-wide matrices: a step of 8 would overshoot the ratio
+               evaluate__max_windows=3, zeroshot__tasks=["piqa"], zeroshot__limit=2, generate__max_new_tokens=6,
+               compress__ratio=0.2, compress__rank_multiple=1)  # 64-wide matrices: a step of 8 would overshoot
     return work, env, dvc
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
+    """A dvc_repo after one full `dvc repro`, and the log of that run. The tests that need a
+    pipeline that has run start from a copy of it (copy_repo) rather than reproduce it again."""
+    work, env, dvc = dvc_repo(tmp_path_factory.mktemp("reproduced") / "repo", tiny_model_dir)
+    return work, sh(dvc + ["repro"], work, env)
+
+
+def copy_repo(reproduced, dest: Path) -> tuple[Path, dict, list[str]]:
+    """A copy of the `reproduced` repository (git, DVC cache and outputs), with an empty MLflow
+    store: the copied store's experiment would keep logging into the original's artifact folder.
+    Returns (directory, environment for subprocesses, the dvc command), as dvc_repo does."""
+    import shutil
+
+    from bench.ratio_change import project_env
+
+    shutil.copytree(reproduced[0], dest, symlinks=True)
+    (dest / "mlflow.db").unlink(missing_ok=True)
+    shutil.rmtree(dest / "mlartifacts", ignore_errors=True)
+    return (dest, *project_env())
 
 
 def without_svdcore(code: str, scratch: Path) -> str:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from svdcore.covariances import collect_grams, linear_shapes, load_layer, save_layer
+from svdcore.compress import collect_grams
+from svdcore.covariances import linear_shapes, load_layer, save_layer
 from svdcore.decompose import truncate_whitened, whitening
 from svdcore.errors import UserError
 from svdcore.ranks import (V2_MAX_RATIO, allocate, keeps_dense, last_k_ranks, layer_index, matrix_type,

@@ -11,19 +11,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import ARCHITECTURES, ROOT, logits_in_fresh_process, tiny_causal_lm, tiny_tokenizer
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
-from svdcore.compress import compress_model
+from conftest import ARCHITECTURES, ROOT, logits_in_fresh_process, pipeline_stages, tiny_causal_lm, tiny_tokenizer
+from svdcore.covariances import linear_shapes, save_layer
+from svdcore.compress import collect_grams, compress_model
 from svdcore.lowrank import LowRankLinear, load_compressed
 from svdcore.model import decoder_layers, layer_linears, weight_matrix
 from svdcore.ranks import uniform_ranks
 
 CPU = torch.device("cpu")
-STAGES = [("collect-calibration", "collect_calibration"), ("compute-covariances", "compute_covariances"),
-          ("compute-spectra", "compute_spectra"), ("compute-fisher", "compute_fisher"),
-          ("compute-sensitivity", "compute_sensitivity"),
-          ("allocate-ranks", "allocate_ranks"), ("truncate-and-update", "truncate_and_update"),
-          ("evaluate-dense", "evaluate_dense"), ("evaluate", "evaluate")]
+STAGES = pipeline_stages()
 
 
 @pytest.fixture(scope="module")

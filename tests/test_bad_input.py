@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_causal_lm
 from svdcore import params as params_module
-from svdcore.compress import compress_model
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import collect_grams, compress_model
+from svdcore.covariances import linear_shapes, save_layer
 from svdcore.errors import UserError
 from svdcore.evaluation import evaluate_model
 from svdcore.lowrank import load_compressed, save_compressed

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from svdcore.compress import compress_model
-from svdcore.covariances import collect_grams, linear_shapes
+from svdcore.compress import collect_grams, compress_model
+from svdcore.covariances import linear_shapes
 from svdcore.gram import batch_gram
 from svdcore.lowrank import LowRankLinear
 from svdcore.ranks import uniform_ranks

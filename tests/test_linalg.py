@@ -184,3 +184,11 @@ def test_bf16_inputs_are_summed_in_fp32_without_loss_beyond_the_summation_order(
     gram = batch_gram(x)
     assert gram.dtype == torch.float32
     assert torch.linalg.norm(gram.double() - exact) / torch.linalg.norm(exact) < 1e-6
+
+
+def test_an_unknown_route_is_a_user_error_naming_the_choices():
+    from svdcore.decompose import choose_route
+    from svdcore.errors import UserError
+
+    with pytest.raises(UserError, match=r"compress.route: expected one of auto, svd, eigh-out, eigh-in, got 'qr'"):
+        choose_route("qr", 4, 8)

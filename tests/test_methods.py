@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from svdcore.compress import compress_model, refit_a
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import collect_grams, compress_model, refit_a
+from svdcore.covariances import linear_shapes, save_layer
 from svdcore.decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
 from svdcore.errors import UserError
 from svdcore.lowrank import LowRankLinear

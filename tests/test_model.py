@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import logits_in_fresh_process, tiny_llama
-from svdcore.compress import compress_model
-from svdcore.covariances import collect_grams, linear_shapes, load_layer, save_layer
+from svdcore.compress import collect_grams, compress_model
+from svdcore.covariances import linear_shapes, load_layer, save_layer
 from svdcore.errors import UserError
 from svdcore.lowrank import LowRankLinear, load_compressed, save_compressed
 from svdcore.model import decoder_layers

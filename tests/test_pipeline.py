@@ -1,26 +1,35 @@
-"""`dvc repro` end to end on a tiny model, in a fresh git + DVC repository."""
+"""`dvc repro` end to end on a tiny model, in a fresh git + DVC repository (conftest.reproduced),
+then in a copy of it: ratio changes, the run-cache, MLflow runs, the method-gated stages."""
 import json
 import sqlite3
 
-from conftest import dvc_repo, set_params, sh
+from conftest import copy_repo, pipeline_stages, set_params, sh
 
-STAGES = ["collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher", "compute-sensitivity",
-          "allocate-ranks", "truncate-and-update", "quantize", "evaluate-dense", "evaluate"]
 UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher")
 
 
-def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
-    work, env, dvc = dvc_repo(tmp_path / "repo", tiny_model_dir)
+def mlflow_runs(work):
+    """(run ids, the compress.ratio each run logged) of the MLflow store at the root of `work`."""
+    with sqlite3.connect(work / "mlflow.db") as db:
+        runs = db.execute("select run_uuid from runs").fetchall()
+        ratios = sorted(v for (v,) in db.execute("select value from params where key = 'compress.ratio'"))
+    return runs, ratios
 
-    first = sh(dvc + ["repro"], work, env)
-    for stage in STAGES:
+
+def test_repro_ratio_change_and_run_cache(tmp_path, reproduced):
+    original, first = reproduced  # a first `dvc repro` in a fresh repository: every stage ran
+    for stage, _ in pipeline_stages():
         assert f"Running stage '{stage}'" in first
+    runs, ratios = mlflow_runs(original)
+    assert len(runs) == 1 and ratios == ["0.2"]  # one MLflow run, of that evaluation
+    assert len(list(original.glob("mlartifacts/*/artifacts/samples.json"))) == 1
+    work, env, dvc = copy_repo(reproduced, tmp_path / "repo")
     metrics_20 = json.loads((work / "metrics/evaluate.json").read_text())
     assert abs(metrics_20["ratio"]["linears"] - 0.2) < 0.02
     assert metrics_20["compressed"]["params_linears"] < metrics_20["dense"]["params_linears"]
-    for model in ("dense", "compressed"):  # zero-shot scores of both, on the first 2 items of all seven tasks
+    for model in ("dense", "compressed"):  # zero-shot scores of both, on the first 2 items of the task asked for
         zeroshot = metrics_20[model]["zeroshot"]
-        assert zeroshot["limit"] == 2 and len(zeroshot["tasks"]) == 7
+        assert zeroshot["limit"] == 2 and list(zeroshot["tasks"]) == ["piqa"]
         assert all(s["items"] == 2 for s in zeroshot["tasks"].values()) and 0 <= zeroshot["mean"]["acc"] <= 1
     samples = json.loads((work / "metrics/samples.json").read_text())
     assert samples["max_new_tokens"] == 6 and len(samples["samples"]) == 4
@@ -44,15 +53,15 @@ def test_repro_ratio_change_and_run_cache(tmp_path, tiny_model_dir):
     assert "Running stage" not in third
     assert json.loads((work / "metrics/evaluate.json").read_text()) == metrics_20
 
-    # one MLflow run per evaluation actually executed, in the store at the repository root
+    # one MLflow run per evaluation actually executed (here only the one at 0.4; the run at 0.2 went to
+    # the original's store), in the store at the repository root
+    runs, ratios = mlflow_runs(work)
+    assert len(runs) == 1 and ratios == ["0.4"]
     with sqlite3.connect(work / "mlflow.db") as db:
-        runs = db.execute("select run_uuid from runs").fetchall()
-        ratios = sorted(v for (v,) in db.execute("select value from params where key = 'compress.ratio'"))
         runs_per_metric = dict(db.execute("select key, count(*) from metrics group by key").fetchall())
-    assert len(runs) == 2 and ratios == ["0.2", "0.4"]
-    # zero-shot scores of both models in each run, and the generation samples beside them
-    assert runs_per_metric["compressed.zeroshot.mean.acc"] == runs_per_metric["dense.zeroshot.tasks.piqa.acc"] == 2
-    assert len(list(work.glob("mlartifacts/*/artifacts/samples.json"))) == 2
+    # zero-shot scores of both models in the run, and the generation samples beside them
+    assert runs_per_metric["compressed.zeroshot.mean.acc"] == runs_per_metric["dense.zeroshot.tasks.piqa.acc"] == 1
+    assert len(list(work.glob("mlartifacts/*/artifacts/samples.json"))) == 1
 
     # the zero-shot protocol feeds both evaluations, and nothing before them
     set_params(work, zeroshot__limit=3)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, dvc_repo, logits_in_fresh_process, sh
+from conftest import ROOT, copy_repo, logits_in_fresh_process, sh
 
 README = (ROOT / "README.md").read_text()
 ACTIVATE = "source .venv/bin/activate"
@@ -28,8 +28,8 @@ def test_the_environment_is_entered_once_before_any_command_that_needs_it():
     assert ".venv/bin/" not in README.replace(ACTIVATE, "")  # one way in, said once
 
 
-def test_readme_experiment_commands_work_in_a_fresh_shell(tmp_path, tiny_model_dir):
-    work, env, _ = dvc_repo(tmp_path / "repo", tiny_model_dir)
+def test_readme_experiment_commands_work_in_a_fresh_shell(tmp_path, reproduced):
+    work, env, _ = copy_repo(reproduced, tmp_path / "repo")  # after the README's first command, `make repro`
     shell = {**{k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
              "PATH": "/usr/local/bin:/usr/bin:/bin",  # a fresh shell's, without the venv that runs this test
              "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from svdcore.covariances import collect_grams, linear_shapes, load_layer, save_layer
+from svdcore.compress import collect_grams
+from svdcore.covariances import linear_shapes, load_layer, save_layer
 from svdcore.errors import UserError
 from svdcore.ranks import allocate, candidate_ranks, parameter_count, sensitivity_ranks
 from svdcore.sensitivity import component_costs, load_costs, output_basis, save_costs

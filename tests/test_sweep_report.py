@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import sh
-from svdcore import sweep_report as sr
+from stages import sweep_tables as sr
 
 DENSE = {"ppl": {"wikitext2": 29.97, "ptb": 44.99}, "params_total": 134515008, "params_linears": 106168320}
 

@@ -14,7 +14,8 @@ from svdcore.errors import UserError
 from svdcore.generation import check_same_prompts, generate_samples, side_by_side
 from svdcore.model import decoder_layers
 from svdcore.zeroshot import TASK_DIR, check_same_protocol, evaluate_zeroshot, mean_scores
-from svdcore.zeroshot_data import SPLITS, TASKS, task_records
+from svdcore.params import ZEROSHOT_TASKS as TASKS
+from svdcore.zeroshot_data import SPLITS, task_records
 
 CPU = torch.device("cpu")
 DATA = ROOT / "data/zeroshot"

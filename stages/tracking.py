@@ -1,6 +1,8 @@
-"""One MLflow run per evaluation, in a SQLite store at the repository root.
+"""One MLflow run per evaluation, in a SQLite store at the repository root, and what a run
+records of DVC (the repository root, the model's DVC hash). The stages' business: svdcore knows
+nothing of DVC or MLflow.
 
-mlflow is imported lazily: the library must stay importable with torch + transformers alone.
+mlflow is imported lazily: a stage that logs nothing does not pay for the import.
 """
 import os
 import subprocess

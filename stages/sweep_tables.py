@@ -1,4 +1,6 @@
-"""The report of a sweep: methods x ratios over one statistics pass, against the dense model.
+"""The sweep report's tables, plots and MLflow runs (the sweep-report stage's helpers; svdcore
+knows nothing of sweeps, plots or MLflow): methods x ratios over one statistics pass, against the
+dense model.
 
 Inputs, as the sweep's stages write them:
 
@@ -19,8 +21,8 @@ Order, everywhere (table rows, markdown rows, plot legends, MLflow child runs): 
 order they first appear in ``points`` (pass the points in the sweep's method order to get that
 order), ratios ascending within a method.
 
-matplotlib and mlflow are imported inside the functions that use them: the library stays
-importable with torch + transformers alone.
+matplotlib and mlflow are imported inside the functions that use them, so the tests of the
+tables need neither.
 
 ``plot_data`` writes ``<out_dir>/<method>.csv`` and returns the DVC 3 top-level ``plots:``
 definition that reads them, one plot per dataset with one line per method. For methods svd,
@@ -53,8 +55,8 @@ import io
 import math
 from pathlib import Path
 
-from .atomic import atomic_path
-from .tracking import flatten, numeric_metrics, open_experiment
+from svdcore.atomic import atomic_path
+from stages.tracking import flatten, numeric_metrics, open_experiment
 
 DENSE = "dense"
 PNG_DPI = 100
@@ -208,7 +210,7 @@ def markdown_table(points: list[dict], dense: dict) -> str:
 
         limit = next(m["zeroshot"]["limit"] for m in [dense, *points] if m.get("zeroshot", {}).get("tasks"))
         items = f"the first {limit} items of each task" if limit else "whole splits"
-        lines += [f"**zero-shot accuracy, mean of {len(tasks)} tasks: acc / acc_norm** "
+        lines += [f"**zero-shot accuracy, mean of {len(tasks)} task{'s' * (len(tasks) != 1)}: acc / acc_norm** "
                   f"(lm-eval, {items}; dense {pair(dense)}, chance {chance_level(points, dense):.3f})", "",
                   *_pivot(points, pair), ""]
     lines += ["**achieved ratio** (parameters removed: decoder linears / whole model)", "",

@@ -1,0 +1,93 @@
+"""dvc.yaml's dependency lists cannot drift from the code: every project file a stage's command
+imports, directly or through any chain of imports (lazy ones inside functions too), is a
+declared dependency of that stage, and no Python file is declared that the stage never imports."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("svdcore", "stages")  # what a stage's command can import from the project
+PIPELINES = (ROOT / "dvc.yaml", ROOT / "sweep/dvc.yaml")
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of module `name` (a module or a package's __init__), or None."""
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute names of the project modules `path` imports anywhere in its body."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return {name for name in found if name.split(".")[0] in PACKAGES and module_file(name)}
+
+
+def closure(module: str) -> set[Path]:
+    """Every project file importing `module` runs: its own, its packages' __init__ files, and
+    the same for everything they import."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            path = module_file(".".join(parts[:i]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(imported_modules(path))
+    return seen
+
+
+def stages():
+    """(pipeline, stage name, its root-relative deps, the module its command runs)."""
+    for pipeline in PIPELINES:
+        spec = yaml.safe_load(pipeline.read_text())
+        base = (pipeline.parent / spec["stages"][next(iter(spec["stages"]))].get("wdir", ".")).resolve()
+        for name, stage in spec["stages"].items():
+            wdir = (pipeline.parent / stage.get("wdir", ".")).resolve()
+            assert wdir == base == ROOT, f"{pipeline.name}:{name}: commands run from the repository root"
+            module = re.match(r"python -m ([\w.]+)", stage["cmd"])
+            assert module, f"{pipeline.name}:{name}: expected `python -m <module> ...`, got {stage['cmd']!r}"
+            deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+            yield pipeline.relative_to(ROOT).as_posix(), name, deps, module.group(1)
+
+
+STAGES = list(stages())
+
+
+@pytest.mark.parametrize("pipeline,name,deps,module", STAGES, ids=[f"{p}:{n}" for p, n, _, _ in STAGES])
+def test_a_stage_depends_on_exactly_the_project_code_it_imports(pipeline, name, deps, module):
+    code = {path.relative_to(ROOT).as_posix() for path in closure(module)}
+    covered = lambda file: any(file == d or file.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
+    missing = sorted(file for file in code if not covered(file))
+    assert not missing, f"{pipeline}:{name} imports these but does not depend on them: {missing}"
+    declared = {d for d in deps if d.endswith(".py")}
+    unused = sorted(declared - code)
+    assert not unused, f"{pipeline}:{name} depends on these but never imports them: {unused}"
+
+
+def test_the_closure_follows_lazy_and_relative_imports():
+    """The walk itself: a stage reaches svdcore through `from svdcore.x import` and svdcore's own
+    `from .y import`, including an import inside a function."""
+    files = {p.relative_to(ROOT).as_posix() for p in closure("stages.truncate_and_update")}
+    assert {"stages/__init__.py", "svdcore/__init__.py", "svdcore/compress.py", "svdcore/decompose.py",
+            "svdcore/errors.py"} <= files
+    assert "bench/common.py" not in files and "tests/conftest.py" not in files
