@@ -51,8 +51,8 @@ def work(params):
     write_json(SAMPLES, {"max_new_tokens": gen["max_new_tokens"],
                          "samples": side_by_side(dense_samples["samples"], samples)})
 
-    # the latest wall time and memory of every stage in this workspace: read, never depended on, so that
-    # wall times do not enter this stage's run-cache key
+    # the latest wall time and memory of every stage in this workspace (the optional quantize stage's
+    # too, when it ran): read, never depended on, so that wall times do not enter this stage's run-cache key
     stages = {path.stem: read_json(path, f"{path.stem} timings") for path in sorted(STAGE_METRICS.glob("*.json"))
               if path.stem != "evaluate"}
     stages["evaluate"] = {**runtime, "wall_s": time.perf_counter() - STARTED, **peak_memory()}

@@ -33,6 +33,8 @@ def work(params):
     write_markdown(points, dense, RESULTS / "table.md")
     plot(points, dense, RESULTS / "ratio_ppl.png")
     plot_data(points, SWEEP / "plots")
+    # wall times, read but not depended on (they would enter the run-cache key); they exist, since the
+    # stages that write them run upstream of every point
     fisher_s = read_json(SWEEP / "timings/compute-fisher.json", "sweep Fisher timings")["wall_s"]
     sensitivity_s = read_json(SWEEP / "timings/compute-sensitivity.json", "sweep sensitivity timings")["wall_s"]
     upstream = {name: read_json(STAGE_METRICS / f"{name}.json", f"{name} timings")["wall_s"] for name in FROM_SCRATCH}

@@ -1,6 +1,7 @@
 """svdcore: truncated-SVD compression of causal LMs (SVD-LLM family).
 
-Importable with torch and transformers alone; dvc, mlflow and datasets are imported where used.
+Importable with torch and transformers alone; it knows nothing of DVC or MLflow (the stages do),
+and datasets is imported where used.
 """
 from .errors import UserError
 from .lowrank import LowRankLinear, load_compressed, save_compressed

@@ -10,7 +10,7 @@ as compressed so far). For each layer the loop
      tensor form a group: q/k/v, then o, then gate/up, then down), each group's statistics on X~
      taken through the layer as compressed so far, so that shift inside a block counts too; the
      closed-form update refits each A right after its truncation; the windows the refinement
-     holds out feed none of these statistics;
+     holds out feed none of these statistics on X~ (the dense statistics keep every window);
   3. refines the block, if asked: AdamW on its factors and norms, the compressed block on X~
      against the dense block on X (svdcore.refine);
   4. advances both streams.
@@ -335,8 +335,9 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                 per_group = recipe.anchor is not None or recipe.update  # statistics of the compressed prefix
                 stats = None if recipe.anchor is not None else dense_stats or disk_stats(index)
                 frozen = copy.deepcopy(layer) if recipe.anchor else None  # the dense layer, for the cross term
-                # the windows refinement watches never feed the closed form: fitted to them, the closed
-                # form would look better on them than it is, and refinement would stop too early
+                # the windows refinement watches never feed the statistics on X~ (anchor, update): fitted
+                # to them, the closed form would look better on them than it is, and refinement would
+                # stop too early
                 fitted = len(kwargs) - (heldout_batches(len(kwargs), recipe.refine_holdout)
                                         if recipe.refine_steps else 0)
                 groups = (_forward_order(index, layer, linears, shifted[0], kwargs[0], device) if per_group

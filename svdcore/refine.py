@@ -44,8 +44,9 @@ def trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
 
 def heldout_batches(batches: int, holdout: float) -> int:
     """How many of the calibration batches (the last ones) refinement holds out: ceil(holdout x
-    batches), leaving at least one to train on. The layer loop keeps them out of the closed form's
-    statistics too, so that the held-out loss judges the closed form and the steps alike."""
+    batches), leaving at least one to train on. The layer loop keeps them out of the statistics on
+    the shifted inputs too (anchor, update), so that the held-out loss judges that closed form and
+    the steps alike."""
     return min(batches - 1, math.ceil(holdout * batches)) if holdout > 0 else 0
 
 

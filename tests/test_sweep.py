@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_repo, pipeline_stages, set_params, sh
+from conftest import copy_repo, set_params, sh
 from svdcore.methods import recipe
 from stages.sweep_tables import dvc_plots_definition
 
@@ -29,7 +29,7 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, reproduced):
     set_params(work, compress__refine__steps=2)  # the sweep takes each preset's own steps: this must not matter
     first = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
     assert "Stage 'compute-covariances' didn't change, skipping" in first  # the main pipeline's statistics
-    assert not [s for s, _ in pipeline_stages() if f"Running stage '{s}'" in first]  # nor any other main stage
+    assert "Stage 'evaluate'" not in first  # the compressed model of the main pipeline is not in the sweep's graph
     assert first.count("Running stage 'sweep/dvc.yaml:point@") == 4
     assert first.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 2
     points = {p.name: json.loads(p.read_text()) for p in (work / "sweep/points").glob("*.json")}
