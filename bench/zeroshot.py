@@ -2,8 +2,9 @@
 
     python -m bench.zeroshot --methods dense svd-llm ressvd best --ratio 0.2 --limit 200
 
-Each method is compressed as its sweep point is (`stages.sweep_common.compress_point`: the main
-pipeline's statistics, the preset's knobs, params.yaml's route and rank multiple; `dvc repro`
+Each method is compressed in memory as its sweep point is (`stages.compression.compress_point`: the main
+pipeline's statistics, the preset's knobs, params.yaml's route and rank multiple, computing in model.dtype;
+the sweep scores its saved model instead, stored in compress.save_dtype; `dvc repro`
 and, for the fisher or sensitivity allocation, the sweep's fisher / sensitivity stages first),
 then scored by lm-eval on the first --limit items of every task of params.yaml's `zeroshot`.
 Prints per-task acc / acc_norm and the mean over tasks with its standard error (the tasks'
@@ -32,7 +33,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from stages.sweep_common import compress_point
+    from stages.compression import compress_point
 
     params = load()
     device = resolve_device(params["device"] if args.device == "auto" else args.device)

@@ -1,5 +1,6 @@
 """The pipeline's stage entry points (`python -m stages.<name>`, as dvc.yaml runs them), and the
-few modules they share (common, io, tracking, sweep_common, sweep_tables); no stage imports another.
+few modules they share (common, io, allocation, compression, tracking, sweep_tables); no stage imports
+another.
 
 Importing transformers imports torchao when it is installed (the quantize stage's library), and
 that logs warnings that concern no stage: on a CPU build of torch, torchao's CUDA-only extensions

@@ -2,6 +2,7 @@
 record wall time and peak memory."""
 import argparse
 import os
+import re
 import resource
 import sys
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 import torch
 
 from svdcore import params as params_module
-from svdcore.atomic import write_json
+from svdcore.atomic import atomic_path, write_json
 from svdcore.errors import UserError
+from svdcore.model import load_model, resolve_device, resolve_dtype
 
 STAGE_METRICS = Path("metrics/stages")
 
@@ -31,11 +33,43 @@ def _process_start() -> float:
 STARTED = _process_start()
 
 
+def wall_s() -> float:
+    """Seconds since this process started."""
+    return round(time.perf_counter() - STARTED, 2)
+
+
 def peak_memory() -> dict:
     figures = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         figures["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return figures
+
+
+PIPELINES = (("dvc.yaml", "dvc repro"), ("sweep/dvc.yaml", "dvc repro sweep/dvc.yaml"))
+
+
+def rebuild_hint(artifact: str | None) -> str:
+    """How to rebuild a missing or bad `artifact` (a path, relative to the repository root where
+    stages run): "; rerun <stage> (dvc repro)" for the stage of dvc.yaml or sweep/dvc.yaml whose
+    output holds it (a matrix stage's templated outputs included), or "" when none does."""
+    if artifact is None:
+        return ""
+    import yaml
+
+    path = Path(artifact).resolve().as_posix()
+    for pipeline, command in PIPELINES:
+        if not Path(pipeline).is_file():
+            continue
+        stages = yaml.safe_load(Path(pipeline).read_text()).get("stages", {})
+        for name, stage in stages.items():
+            base = (Path(pipeline).parent / stage.get("wdir", ".")).resolve().as_posix()
+            for out in stage.get("outs", []) + stage.get("metrics", []):
+                out = out if isinstance(out, str) else next(iter(out))
+                # ${item.method} and the like stand for one path segment
+                pattern = "[^/]+".join(map(re.escape, re.split(r"\$\{[^}]*\}", f"{base}/{out}")))
+                if re.fullmatch(pattern + "(/.*)?", path):
+                    return f"; rerun {name} ({command})"
+    return ""
 
 
 def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
@@ -46,20 +80,35 @@ def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
         params = params_module.load()
         figures = work(params) or {}
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{rebuild_hint(e.artifact)}", file=sys.stderr)
         sys.exit(2)
     if timings_dir is not None:
-        figures.update(wall_s=round(time.perf_counter() - STARTED, 2), **peak_memory())
+        figures.update(wall_s=wall_s(), **peak_memory())
         write_json(Path(timings_dir) / f"{name}.json", figures)
 
 
-def run_gated(name: str, doc: str, out: str, compute) -> None:
-    """The command line of a stage that does its work only when the method reads its output
-    (else it writes an empty file, so switching methods costs nothing): `compute(params, out,
-    always)`. The sweep runs it with --always, into its own folder."""
+def gated_work(needed, compute, save, out: str, always: bool = False):
+    """The work of a stage whose output only some methods read: when `needed(params)` (or
+    `always`), `compute(params, model, device)` on the dense model, else nothing, and
+    `save(path, result)` either way (an empty result: switching methods costs nothing), written
+    whole or not at all."""
+    def work(params):
+        device = resolve_device(params["device"])
+        result = {}
+        if always or needed(params):
+            model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
+            result = compute(params, model, device)
+        with atomic_path(out) as tmp:
+            save(tmp, result)
+        return {"device": str(device), "matrices": len(result)}
+    return work
+
+
+def run_gated(name: str, doc: str, out: str, needed, compute, save) -> None:
+    """The command line of a gated_work stage; the sweep runs it with --always, into its own folder."""
     cli = argparse.ArgumentParser(description=doc)
     cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
     cli.add_argument("--out", default=out)
     cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
     args = cli.parse_args()
-    run(name, lambda params: compute(params, args.out, args.always), Path(args.timings_dir))
+    run(name, gated_work(needed, compute, save, args.out, args.always), Path(args.timings_dir))

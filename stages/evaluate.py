@@ -1,53 +1,45 @@
 """evaluate: the compressed model against the cached dense baseline; metrics + one MLflow run."""
-import time
-
 from svdcore.atomic import read_json, write_json
 from svdcore.errors import UserError
-from svdcore.evaluation import directory_bytes, evaluate_model, linear_parameters
-from svdcore.generation import check_same_prompts, generate_samples, side_by_side
+from svdcore.counts import linear_parameters, ratio_achieved
+from svdcore.evaluation import directory_bytes, measure
+from svdcore.generation import check_same_prompts, side_by_side
 from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.zeroshot import check_same_protocol, evaluate_zeroshot
-from stages.common import STAGE_METRICS, STARTED, peak_memory, run
-from stages.io import MODEL_DIR, REPORT
+from svdcore.zeroshot import check_same_protocol
+from stages.common import STAGE_METRICS, peak_memory, run, wall_s
+from stages.io import DENSE, DENSE_SAMPLES, MODEL_DIR, REPORT
 from stages.tracking import log_run, output_md5
 
 OUT = "metrics/evaluate.json"
 SAMPLES = "metrics/samples.json"
-DENSE_SAMPLES = "metrics/dense-samples.json"
 
 
 def work(params):
     from transformers import AutoTokenizer
 
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
-    ev, zs, gen = params["evaluate"], params["zeroshot"], params["generate"]
-    dense = read_json("metrics/dense.json", "dense baseline")
-    check_same_protocol(dense.get("zeroshot", {}), zs["tasks"], zs["limit"])
+    zs, gen = params["zeroshot"], params["generate"]
+    dense = read_json(DENSE, "dense baseline")
+    check_same_protocol(dense.get("zeroshot", {}), zs["tasks"], zs["limit"], DENSE)
     dense_samples = read_json(DENSE_SAMPLES, "dense generation samples")
-    check_same_prompts(dense_samples, gen["prompts"], gen["max_new_tokens"])
+    check_same_prompts(dense_samples, gen["prompts"], gen["max_new_tokens"], DENSE_SAMPLES)
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
     model = load_compressed(MODEL_DIR, dtype=resolve_dtype(params["model"]["dtype"], device))
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    compressed, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                         ev["batch_size"], device, "compressed")
-    compressed["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], zs["limit"],
-                                                                 zs["batch_size"], device)
-    runtime.update(zeroshot_runtime)
+    compressed, runtime = measure(model, tokenizer, params, device, "compressed")
+    samples = compressed.pop("samples")
     compressed["bytes_on_disk"] = directory_bytes(MODEL_DIR)
     metrics = {
         "dense": dense,
         "compressed": compressed,
-        "ratio": {"target": params["compress"]["ratio"],
-                  "linears": 1 - compressed["params_linears"] / dense["params_linears"],
-                  "model": 1 - compressed["params_total"] / dense["params_total"]},
+        "ratio": {"target": params["compress"]["ratio"], **ratio_achieved(dense, compressed)},
         "whitening_routes": {"matrices": report["route_counts"], "grams": report["gram_route_counts"]},
     }
     write_json(OUT, metrics)
-    samples = generate_samples(model, tokenizer, gen["prompts"], gen["max_new_tokens"], device)
     write_json(SAMPLES, {"max_new_tokens": gen["max_new_tokens"],
                          "samples": side_by_side(dense_samples["samples"], samples)})
 
@@ -55,7 +47,7 @@ def work(params):
     # too, when it ran): read, never depended on, so that wall times do not enter this stage's run-cache key
     stages = {path.stem: read_json(path, f"{path.stem} timings") for path in sorted(STAGE_METRICS.glob("*.json"))
               if path.stem != "evaluate"}
-    stages["evaluate"] = {**runtime, "wall_s": time.perf_counter() - STARTED, **peak_memory()}
+    stages["evaluate"] = {**runtime, "wall_s": wall_s(), **peak_memory()}
     # the model version and the run find each other: the run is tagged with the model's DVC hash
     log_run(params["mlflow"]["experiment"], params, {**metrics, "stages": stages},
             [OUT, SAMPLES, "artifacts/ranks.json", REPORT, f"{MODEL_DIR}/README.md"],

@@ -3,7 +3,7 @@ weight-only by torchao (svdcore.quantize), saved to models/quantized so that fro
 reloads it; the saved model is loaded back and scored on the evaluation texts, and its bytes on
 disk and perplexities go to metrics/quantize.json. With scheme none the folder holds a note only."""
 from svdcore.atomic import atomic_path, write_json
-from svdcore.evaluation import directory_bytes, evaluate_model
+from svdcore.evaluation import directory_bytes, measure
 from svdcore.model import resolve_device, resolve_dtype
 from svdcore.quantize import save_quantized
 from stages.common import run
@@ -29,9 +29,7 @@ def work(params):
     tokenizer = AutoTokenizer.from_pretrained(QUANTIZED)
     model = AutoModelForCausalLM.from_pretrained(QUANTIZED, trust_remote_code=True,
                                                  dtype=resolve_dtype(params["model"]["dtype"], device)).eval()
-    ev = params["evaluate"]
-    metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                      ev["batch_size"], device, f"quantized {scheme}")
+    metrics, runtime = measure(model, tokenizer, params, device, f"quantized {scheme}", what=("perplexity",))
     write_json(OUT, {"scheme": scheme, "quantized_linears": quantized, "linears": linears,
                      "bytes_on_disk": directory_bytes(QUANTIZED), "compressed_bytes_on_disk": directory_bytes(MODEL_DIR),
                      "ppl": metrics["ppl"], "windows": metrics["windows"]})

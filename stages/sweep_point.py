@@ -1,5 +1,6 @@
-"""sweep point: one method at one ratio, from the main pipeline's statistics; its perplexity,
-achieved ratio and compress time to sweep/points/<method>@<ratio>.json (no model is saved).
+"""sweep point: the perplexity of one method at one ratio, measured as evaluate measures the
+pipeline's model, on the point's saved model (sweep-compress) -> sweep/points/<method>@<ratio>.json,
+with the point's recipe, allocation and ratio achieved.
 
     python -m stages.sweep_point svd-llm 0.2
     python -m stages.sweep_point svd-llm+update 0.2    # a preset with the closed-form update on
@@ -8,24 +9,19 @@ import sys
 import time
 
 from svdcore.atomic import write_json
-from svdcore.evaluation import evaluate_model
-from svdcore.model import load_tokenizer, resolve_device
-from stages.common import STARTED, peak_memory, run
+from svdcore.evaluation import measure
+from stages.common import peak_memory, run, wall_s
+from stages.io import load_sweep_model
 from stages.io import point_file
-from stages.sweep_common import compress_point
 
 
 def work(params, method: str, ratio: float) -> dict:
-    model, point = compress_point(params, method, ratio)
-    ev = params["evaluate"]
+    model, tokenizer, point, device = load_sweep_model(params, method, ratio)
     start = time.perf_counter()
-    metrics, _ = evaluate_model(model, load_tokenizer(params["model"]["name"]), ev["datasets"], ev["seqlen"],
-                                ev["max_windows"], ev["batch_size"], resolve_device(params["device"]),
-                                f"{method}@{ratio}")
+    metrics, _ = measure(model, tokenizer, params, device, f"{method}@{ratio}", what=("perplexity",))
     write_json(point_file(method, ratio), {
         **point, "ppl": metrics["ppl"], "windows": metrics["windows"],
-        "evaluate_s": round(time.perf_counter() - start, 2),
-        "wall_s": round(time.perf_counter() - STARTED, 2), **peak_memory()})
+        "evaluate_s": round(time.perf_counter() - start, 2), "wall_s": wall_s(), **peak_memory()})
     return {}
 
 

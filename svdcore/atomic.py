@@ -61,10 +61,15 @@ def atomic_path(path, is_dir: bool = False):
         raise
 
 
+def json_text(data) -> str:
+    """Deterministic JSON: sorted keys, fixed indentation."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path, data) -> None:
-    """Deterministic JSON (sorted keys, fixed indentation), written atomically."""
+    """json_text(data), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def read_json(path, what: str):
@@ -72,11 +77,11 @@ def read_json(path, what: str):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what}: file {path} is missing; run the stage that makes it (dvc repro)")
+        raise UserError(f"{what}: file {path} is missing", artifact=path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{what}: {path} is not valid JSON ({e}); rerun the stage that makes it") from None
+        raise UserError(f"{what}: {path} is not valid JSON ({e})", artifact=path) from None
 
 
 def save_tensors(path, tensors: dict) -> None:
@@ -86,13 +91,18 @@ def save_tensors(path, tensors: dict) -> None:
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path))
 
 
-def load_tensors(path, what: str, stage: str) -> dict:
-    """The named tensors of a safetensors file; a missing, truncated or foreign file is named."""
+def load_tensors(path, what: str, names=None) -> dict:
+    """The named tensors of a safetensors file; a missing, truncated or foreign file is named, and
+    so is one that lacks any of `names` (when given)."""
     from safetensors.torch import load_file
 
     from .errors import UserError
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise UserError(f"{what}: {path} is unreadable ({type(e).__name__}: {e}); rerun {stage}") from None
+        raise UserError(f"{what}: {path} is unreadable ({type(e).__name__}: {e})", artifact=path) from None
+    missing = sorted(set(names or ()) - set(tensors))
+    if missing:
+        raise UserError(f"{what}: {path} has nothing for {missing[:3]}", artifact=path)
+    return tensors

@@ -14,7 +14,7 @@ import torch
 
 from .data import random_windows, tokenize
 from .errors import UserError
-from .params import SAMPLERS
+from .choices import SAMPLERS
 
 CHARS_PER_TOKEN_SLICE = 10  # the official slice: 10 characters per wanted token
 MAX_SKIPS_PER_WINDOW = 100  # a text that keeps giving short slices is too short for seqlen

@@ -153,11 +153,11 @@ def _check_stats(stats: LayerStats, local: str, name: str, inputs: int) -> str:
     """The group of the linear `local` in `stats`, checked against the matrix."""
     group = stats.shares.get(local)
     if group is None or group not in stats.grams:
-        raise UserError(f"statistics: no Gram for {name}; the statistics do not match this model, "
-                        f"rerun compute-covariances")
+        raise UserError(f"statistics: no Gram for {name}; the statistics do not match this model",
+                        artifact=stats.source)
     if stats.grams[group].shape != (inputs, inputs):
         raise UserError(f"statistics: the Gram for {name} is {tuple(stats.grams[group].shape)}, but the "
-                        f"matrix has {inputs} inputs; rerun compute-covariances")
+                        f"matrix has {inputs} inputs", artifact=stats.source)
     return group
 
 

@@ -32,6 +32,7 @@ class LayerStats:
     abs_means: dict[str, torch.Tensor]
     shares: dict[str, str]
     tokens: int
+    source: str | None = None  # the file they were read from (load_layer), named by errors about them
 
 
 def layer_file(stats_dir, index: int) -> Path:
@@ -56,19 +57,19 @@ def load_layer(stats_dir, index: int) -> LayerStats:
 
     path = layer_file(stats_dir, index)
     if not path.is_file():
-        raise UserError(f"statistics: {path} is missing; rerun compute-covariances")
+        raise UserError(f"statistics: {path} is missing", artifact=path)
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["svdcore"])
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise UserError(f"statistics: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-covariances") from None
+        raise UserError(f"statistics: {path} is unreadable ({type(e).__name__}: {e})", artifact=path) from None
     grams = {k: v.double() for k, v in tensors.items() if not k.startswith(ABS_MEAN)}
     abs_means = {k[len(ABS_MEAN):]: v.double() for k, v in tensors.items() if k.startswith(ABS_MEAN)}
     if set(abs_means) != set(grams):
-        raise UserError(f"statistics: {path} lacks the mean |x| of some inputs (made by an older svdcore?); "
-                        f"rerun compute-covariances")
-    return LayerStats(grams, abs_means, meta["shares"], meta["tokens"])
+        raise UserError(f"statistics: {path} lacks the mean |x| of some inputs (made by an older svdcore?)",
+                        artifact=path)
+    return LayerStats(grams, abs_means, meta["shares"], meta["tokens"], str(path))
 
 
 def linear_shapes(model) -> dict[str, list[int]]:

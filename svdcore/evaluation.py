@@ -1,23 +1,13 @@
-"""Everything the evaluate stages measure about one model."""
+"""Everything the evaluate stages measure about one model: `measure` is the one path from
+params.yaml's evaluate / zeroshot / generate sections to metrics, for the pipeline and the sweep."""
 from pathlib import Path
 
-from torch import nn
-
+from .counts import parameter_counts
 from .data import eval_windows, load_text, tokenize
-from .lowrank import LowRankLinear
-from .model import check_seqlen, count_parameters, decoder_layers, layer_linears
+from .generation import generate_samples
+from .model import check_seqlen
 from .perplexity import perplexity
-
-
-def linear_parameters(model: nn.Module) -> int:
-    """Weights held by the decoder linears, dense or low-rank (biases excluded)."""
-    total = 0
-    for layer in decoder_layers(model):
-        for module in layer.modules():
-            if isinstance(module, LowRankLinear):
-                total += module.A.numel() + module.B.numel()
-        total += sum(m.weight.numel() for m in layer_linears(layer).values())
-    return total
+from .zeroshot import evaluate_zeroshot
 
 
 def directory_bytes(path) -> int:
@@ -26,15 +16,42 @@ def directory_bytes(path) -> int:
 
 
 def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int,
-                   batch_size: int, device, label: str) -> tuple[dict, dict]:
-    """(deterministic metrics, runtime figures) for one model."""
+                   batch_size: int, device, label: str, stream_layers: bool = False) -> tuple[dict, dict]:
+    """(deterministic metrics, runtime figures) for one model; `stream_layers`: its decoder layers
+    pass through `device` one at a time (svdcore.perplexity), for models bigger than the device."""
     check_seqlen(model.config, seqlen, "evaluate.seqlen")
-    metrics = {"params_total": count_parameters(model), "params_linears": linear_parameters(model), "ppl": {}}
+    metrics = {**parameter_counts(model), "ppl": {}}
     runtime = {"tokens_per_s": {}}
     for name in datasets:
         windows = eval_windows(tokenize(tokenizer, load_text(name)), seqlen, max_windows)
-        result = perplexity(model, windows, batch_size, device, desc=f"{label} {name}")
+        result = perplexity(model, windows, batch_size, device, desc=f"{label} {name}", stream_layers=stream_layers)
         metrics["ppl"][name] = result["ppl"]
         metrics.setdefault("windows", {})[name] = result["windows"]
         runtime["tokens_per_s"][name] = round(result["tokens_per_s"], 1)
+    return metrics, runtime
+
+
+MEASURES = ("perplexity", "zeroshot", "samples")
+
+
+def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES) -> tuple[dict, dict]:
+    """(deterministic metrics, runtime figures) of one model, as params.yaml asks: the perplexity of
+    `evaluate` (with the parameter counts), the zero-shot scores of `zeroshot`, the greedy
+    continuations of `generate` (metrics["samples"]), whichever of them `what` names."""
+    unknown = set(what) - set(MEASURES)
+    if unknown:
+        raise ValueError(f"measure: unknown {sorted(unknown)}; expected some of {MEASURES}")
+    metrics, runtime = parameter_counts(model), {}
+    if "perplexity" in what:
+        ev = params["evaluate"]
+        metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
+                                          ev["batch_size"], device, label, ev["stream_layers"])
+    if "zeroshot" in what:
+        zs = params["zeroshot"]
+        metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], zs["limit"],
+                                                                  zs["batch_size"], device)
+        runtime.update(zeroshot_runtime)
+    if "samples" in what:
+        gen = params["generate"]
+        metrics["samples"] = generate_samples(model, tokenizer, gen["prompts"], gen["max_new_tokens"], device)
     return metrics, runtime

@@ -60,8 +60,8 @@ def load_fisher(path, model) -> dict[str, torch.Tensor]:
     try:
         scales = {k: v.double() for k, v in load_file(str(path)).items()}
     except Exception as e:  # missing, truncated or foreign file
-        raise UserError(f"fisher: {path} is unreadable ({type(e).__name__}: {e}); rerun compute-fisher") from None
+        raise UserError(f"fisher: {path} is unreadable ({type(e).__name__}: {e})", artifact=path) from None
     shapes = linear_shapes(model)
     if set(scales) != set(shapes) or any(scales[n].shape != (shapes[n][1],) for n in shapes):
-        raise UserError(f"fisher: {path} does not match this model's linears; rerun compute-fisher")
+        raise UserError(f"fisher: {path} does not match this model's linears", artifact=path)
     return scales

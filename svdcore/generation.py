@@ -24,13 +24,13 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return samples
 
 
-def check_same_prompts(dense: dict, prompts: list[str], max_new_tokens: int) -> None:
+def check_same_prompts(dense: dict, prompts: list[str], max_new_tokens: int, source: str) -> None:
     """Dense samples are shown beside the compressed ones only if they answer the same prompts
-    with the same token budget."""
+    with the same token budget. `source`: the file `dense` was read from."""
     made_from = [s.get("prompt") for s in dense.get("samples", [])]
     if made_from != list(prompts) or dense.get("max_new_tokens") != max_new_tokens:
-        raise UserError("generate: metrics/dense-samples.json was made from other prompts or another "
-                        "max_new_tokens than params.yaml's; rerun evaluate-dense")
+        raise UserError(f"generate: {source} was made from other prompts or another max_new_tokens than "
+                        f"params.yaml's", artifact=source)
 
 
 def side_by_side(dense: list[dict], compressed: list[dict]) -> list[dict]:

@@ -65,7 +65,7 @@ def load_compressed(directory, dtype=None):
     if svd.get("factors") != FACTORS:  # before 2026-12: bare parameters A and B, not two nn.Linear
         raise UserError(f"compressed model: {directory} was saved with factors {svd.get('factors')!r}, not 'linear' "
                         f"(before, svdcore saved bare parameters A and B); load it with transformers and "
-                        f"trust_remote_code=True, or redo it: dvc repro")
+                        f"trust_remote_code=True, or redo it", artifact=directory)
     config = AutoConfig.from_pretrained(directory)
     cls = modeling_svdcore.low_rank_class(svd["base_architecture"])
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -1,172 +1,210 @@
 """params.yaml: read it and check every value before any work starts.
 
-Each check names the key, the value and what is allowed, so a user error is one readable line.
+One pydantic model per section (extra keys forbidden, strict types: YAML's `0.2` is a number, its
+`"0.2"` or `true` is not), with the ranges and choices in the field types. A bad value stops with
+one line naming the key, the value and what is allowed: `_message` turns pydantic's first error
+into it, from the field's `expected` text (or, for integers, the bound the error names).
 """
 from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+
+from .choices import (ALLOCATIONS, DTYPES, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
+                      ZEROSHOT_TASKS)
 from .errors import UserError
-from .decompose import ROUTES
-from .methods import ALLOCATIONS, METRICS, PRESETS
 
-# the choices params.yaml offers; the modules that act on them import them from here, so that
-# reading params.yaml never imports what it configures (a stage depends on what it imports)
-METHODS = tuple(PRESETS)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-SAMPLERS = ("tokens", "chars")  # calibration.sampler (svdcore.calibration)
-QUANTIZE_SCHEMES = ("none", "int8")  # quantize.scheme (svdcore.quantize)
-# zeroshot.tasks: lm-eval's names of the seven tasks the SVD-LLM papers report (svdcore.zeroshot_data)
-ZEROSHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa", "mathqa")
+OWN = "the method's own"  # what null means for a knob of compress
+RULE = "svdcore"  # the error type of _rule
 
 
-def _int(lo=None, hi=None):
-    def check(key, v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise UserError(f"{key}: expected an integer, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise UserError(f"{key}: expected an integer {bounds}, got {v!r}")
-    return check
+def _field(expected: str | None = None, null: str | None = None, hint: str | None = None, **constraints):
+    """A field's constraints, and what its error line says: "expected <expected>, got <value>"
+    (for integers, built from the bound the error names), then "(or null for <null>)" when null
+    is allowed, then "(<hint>)"."""
+    return Field(json_schema_extra={"expected": expected, "null": null, "hint": hint}, **constraints)
 
 
-def _share(key, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1):
-        raise UserError(f"{key}: expected a number in [0, 1) (the share of each rank given to the first stage), got {v!r}")
-
-
-def _ratio(key, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1):
-        raise UserError(f"{key}: expected a number in [0, 1) (the fraction of decoder-linear "
-                        f"parameters removed), got {v!r}")
+def _rule(message: str) -> PydanticCustomError:
+    """The error of a rule of our own, said as it is (after the key, when it is a field's)."""
+    return PydanticCustomError(RULE, message)
 
 
 def _choice(options):
-    def check(key, v):
-        if v not in options:
-            raise UserError(f"{key}: expected one of {', '.join(options)}, got {v!r}")
-    return check
+    return Annotated[Literal[tuple(options)], _field(f"one of {', '.join(options)}")]
 
 
-def _optional(check, meaning):
-    def optional(key, v):
-        if v is not None:
-            try:
-                check(key, v)
-            except UserError as e:
-                raise UserError(f"{e} (or null for {meaning})") from None
-    return optional
+Text = Annotated[str, _field("a non-empty string", pattern=r"\S")]
+Count = Annotated[int, _field(ge=1)]  # an integer >= 1
+Seed = Annotated[int, _field(ge=0)]
+Flag = Annotated[bool, _field("true or false")]
+Ratio = Annotated[float, _field("a number in [0, 1) (the fraction of decoder-linear parameters removed)", ge=0, lt=1)]
 
 
-def _flag(key, v):
-    if not isinstance(v, bool):
-        raise UserError(f"{key}: expected true or false, got {v!r}")
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _exponent(key, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
-        raise UserError(f"{key}: expected a number in (0, 1] (the exponent of mean |x|), got {v!r}")
+class Model(Section):
+    name: Text
+    dtype: _choice(DTYPES)
 
 
-def _anchor(key, v):
-    if v is None or v is False:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 1):
-        raise UserError(f"{key}: expected null (the method's own), false (off: the dense model's statistics) or a "
-                        f"blend beta in [0, 1] (0: whitening on the shifted inputs, 1: fit the dense outputs), got {v!r}")
+class Calibration(Section):
+    dataset: Text
+    sampler: _choice(SAMPLERS)
+    samples: Count
+    seqlen: Annotated[int, _field(ge=8)]
+    seed: Seed
 
 
-def _learning_rate(key, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
-        raise UserError(f"{key}: expected a learning rate in (0, 1], got {v!r} (YAML reads 2e-4 as text: write 2.0e-4)")
+class Covariances(Section):
+    batch_size: Count
+    offload_activations: Flag
 
 
-def _holdout(key, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 0.5):
-        raise UserError(f"{key}: expected a share of the calibration windows in [0, 0.5] (0: none held out, "
-                        f"no early stopping), got {v!r}")
+class Refine(Section):
+    steps: Annotated[int | None, _field(null=OWN, ge=0)]
+    lr: Annotated[float, _field("a learning rate in (0, 1]", hint="YAML reads 2e-4 as text: write 2.0e-4", gt=0, le=1)]
+    holdout: Annotated[float, _field("a share of the calibration windows in [0, 0.5] (0: none held out, no early "
+                                     "stopping)", ge=0, le=0.5)]
 
 
-def _text(key, v):
-    if not isinstance(v, str) or not v.strip():
-        raise UserError(f"{key}: expected a non-empty string, got {v!r}")
+class Compress(Section):
+    ratio: Ratio
+    method: _choice(METHODS)
+    metric: Annotated[_choice(METRICS) | None, _field(f"one of {', '.join(METRICS)}", null=OWN)]
+    alpha: Annotated[float, _field("a number in (0, 1] (the exponent of mean |x|)", gt=0, le=1)]
+    update: Flag
+    allocation: Annotated[_choice(ALLOCATIONS) | None, _field(f"one of {', '.join(ALLOCATIONS)}", null=OWN)]
+    residual_fraction: Annotated[float | None, _field("a number in [0, 1) (the share of each rank given to the "
+                                                      "first stage)", null=OWN, ge=0, lt=1)]
+    residual_metric: Annotated[_choice(METRICS) | None, _field(f"one of {', '.join(METRICS)}", null=OWN)]
+    last_layers: Annotated[int | None, _field(null="the rule of svdcore.methods.last_layers_rule", ge=1)]
+    route: _choice(ROUTES)
+    rank_multiple: Count
+    anchor: Annotated[Literal[False] | Annotated[float, Field(ge=0, le=1)] | None, _field(
+        "null (the method's own), false (off: the dense model's statistics) or a blend beta in [0, 1] (0: "
+        "whitening on the shifted inputs, 1: fit the dense outputs)")]
+    save_dtype: _choice(DTYPES)
+    refine: Refine
 
 
-def _device(key, v):
-    if not isinstance(v, str) or not (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")):
-        raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N, got {v!r}")
+class Quantize(Section):
+    scheme: _choice(QUANTIZE_SCHEMES)
 
 
-def _ratio_list(key, v):
-    if not isinstance(v, list) or not v:
-        raise UserError(f"{key}: expected a non-empty list of ratios, got {v!r}")
-    for item in v:
-        _ratio(key, item)
-        if item == 0:
-            raise UserError(f"{key}: 0 is the dense model, already in the report; expected ratios in (0, 1)")
+class Sensitivity(Section):
+    samples: Count
+    seed: Seed
 
 
-def _text_list(key, v):
-    if not isinstance(v, list) or not v:
-        raise UserError(f"{key}: expected a non-empty list of names, got {v!r}")
-    for item in v:
-        _text(key, item)
+class Evaluate(Section):
+    datasets: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a non-empty list of names", min_length=1)]
+    seqlen: Annotated[int, _field(ge=8)]
+    max_windows: Seed
+    batch_size: Count
+    stream_layers: Flag
 
 
-def _task_list(key, v):
-    """A list of distinct zero-shot task names; empty turns the zero-shot evaluation off."""
-    if not isinstance(v, list):
-        raise UserError(f"{key}: expected a list of task names ({', '.join(ZEROSHOT_TASKS)}), "
-                        f"or [] for none, got {v!r}")
-    for item in v:
-        if item not in ZEROSHOT_TASKS:
-            raise UserError(f"{key}: unknown task {item!r}; expected some of {', '.join(ZEROSHOT_TASKS)}")
-    if len(set(v)) != len(v):
-        raise UserError(f"{key}: each task at most once, got {v!r}")
+class Zeroshot(Section):
+    tasks: Annotated[list[str], _field(f"a list of task names ({', '.join(ZEROSHOT_TASKS)}), or [] for none")]
+    limit: Seed
+    batch_size: Count
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_and_distinct(cls, tasks):
+        for task in tasks:
+            if task not in ZEROSHOT_TASKS:
+                raise _rule(f"unknown task {task!r}; expected some of {', '.join(ZEROSHOT_TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise _rule(f"each task at most once, got {tasks!r}")
+        return tasks
 
 
-def _prompt_list(key, v):
-    if not isinstance(v, list) or not all(isinstance(p, str) and p.strip() for p in v):
-        raise UserError(f"{key}: expected a list of non-empty prompt strings (or [] for none), got {v!r}")
+class Generate(Section):
+    prompts: Annotated[list[Annotated[str, Field(pattern=r"\S")]],
+                       _field("a list of non-empty prompt strings (or [] for none)")]
+    max_new_tokens: Count
 
 
-SCHEMA = {
-    "device": _device,
-    "model": {"name": _text, "dtype": _choice(DTYPES)},
-    "calibration": {"dataset": _text, "sampler": _choice(SAMPLERS), "samples": _int(1), "seqlen": _int(8),
-                    "seed": _int(0)},
-    "covariances": {"batch_size": _int(1), "offload_activations": _flag},
-    "compress": {"ratio": _ratio, "method": _choice(METHODS), "metric": _optional(_choice(METRICS), "the method's own"),
-                 "alpha": _exponent, "update": _flag,
-                 "allocation": _optional(_choice(ALLOCATIONS), "the method's own"),
-                 "residual_fraction": _optional(_share, "the method's own"),
-                 "residual_metric": _optional(_choice(METRICS), "the method's own"),
-                 "last_layers": _optional(_int(1), "the rule of svdcore.methods.last_layers_rule"),
-                 "route": _choice(ROUTES), "rank_multiple": _int(1), "anchor": _anchor, "save_dtype": _choice(DTYPES),
-                 "refine": {"steps": _optional(_int(0), "the method's own"), "lr": _learning_rate,
-                            "holdout": _holdout}},
-    "quantize": {"scheme": _choice(QUANTIZE_SCHEMES)},
-    "sensitivity": {"samples": _int(1), "seed": _int(0)},
-    "evaluate": {"datasets": _text_list, "seqlen": _int(8), "max_windows": _int(0),
-                 "batch_size": _int(1)},
-    "zeroshot": {"tasks": _task_list, "limit": _int(0), "batch_size": _int(1)},
-    "generate": {"prompts": _prompt_list, "max_new_tokens": _int(1)},
-    "mlflow": {"experiment": _text},
-}
+class Mlflow(Section):
+    experiment: Text
 
 
-def validate(params: dict, schema: dict = SCHEMA, prefix: str = "") -> None:
-    """Raise UserError on the first unknown key, missing key or bad value."""
-    if not isinstance(params, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'params.yaml'}: expected a mapping, got {params!r}")
-    for key in params:
-        if key not in schema:
-            raise UserError(f"{prefix}{key}: unknown key; allowed here: {', '.join(schema)}")
-    for key, rule in schema.items():
-        if key not in params:
-            raise UserError(f"{prefix}{key}: missing from params.yaml")
-        if isinstance(rule, dict):
-            validate(params[key], rule, f"{prefix}{key}.")
-        else:
-            rule(f"{prefix}{key}", params[key])
+class Params(Section):
+    device: Annotated[str, _field("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
+    model: Model
+    calibration: Calibration
+    covariances: Covariances
+    compress: Compress
+    quantize: Quantize
+    sensitivity: Sensitivity
+    evaluate: Evaluate
+    zeroshot: Zeroshot
+    generate: Generate
+    mlflow: Mlflow
+
+
+def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
+    """One line for pydantic's `error`: the key, then what is wrong with it."""
+    names, info, node = [], None, model
+    for part in error["loc"]:  # the fields along the path; list indices and union tags are not keys
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            if error["type"] == "extra_forbidden":
+                names.append(str(part))
+            break
+        names.append(part)
+        info = node.model_fields[part]
+        node = info.annotation
+    key = prefix + ".".join(names) if names else prefix.strip() or "params.yaml"
+    kind, value = error["type"], error.get("input")
+    if kind == "missing":
+        return f"{key}: missing from params.yaml"
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; allowed here: {', '.join(node.model_fields)}"
+    if kind == "model_type":
+        return f"{key}: expected a mapping, got {value!r}"
+    if kind == RULE:  # a field's rule says its key; a model's rule names what it is about itself
+        return f"{key}: {error['msg']}" if names else error["msg"]
+    if info is None:
+        return f"{key}: {error['msg']}"
+    said = _said(info)
+    expected = said["expected"]
+    if expected is None:  # an integer: the bound the error names, if any
+        bound = error.get("ctx", {}).get("ge")
+        expected = "an integer" if bound is None else f"an integer >= {bound}"
+    line = f"{key}: expected {expected}, got {value!r}"
+    if said["null"]:
+        line += f" (or null for {said['null']})"
+    if said["hint"]:
+        line += f" ({said['hint']})"
+    return line
+
+
+def _said(info: FieldInfo) -> dict:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "expected" not in extra:  # Annotated aliases (Text, Count...) carry theirs in the metadata
+        for item in info.metadata:
+            if isinstance(item, FieldInfo) and isinstance(item.json_schema_extra, dict):
+                extra = item.json_schema_extra
+    return {"expected": extra.get("expected"), "null": extra.get("null"), "hint": extra.get("hint")}
+
+
+def check(model: type[BaseModel], values, prefix: str = ""):
+    """`values` as `model` (a Section), or UserError with the first error's line."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise UserError(_message(e.errors()[0], model, prefix)) from None
+
+
+def validate(params: dict) -> Params:
+    """Raise UserError on the first unknown key, missing key or bad value of params.yaml."""
+    return check(Params, params)
 
 
 def sweep_compress(compress: dict, method: str, ratio) -> dict:
@@ -176,29 +214,44 @@ def sweep_compress(compress: dict, method: str, ratio) -> dict:
     name, plus, extra = method.partition("+")
     if plus and extra != "update":
         raise UserError(f"sweep methods: {method!r}: expected a preset, optionally followed by +update")
-    _choice(METHODS)("sweep methods", name)
-    _ratio("sweep ratios", ratio)
+    if name not in METHODS:
+        raise UserError(f"sweep methods: expected one of {', '.join(METHODS)}, got {name!r}")
     return {**compress, "method": name, "ratio": ratio, "metric": None, "allocation": None, "update": bool(plus),
             "residual_fraction": None, "residual_metric": None, "last_layers": None, "anchor": None,
             "refine": {**compress.get("refine", {}), "steps": None}}
 
 
-def validate_sweep(sweep: dict) -> None:
+class Sweep(Section):
     """sweep/params.yaml: methods (sweep_compress), ratios in (0, 1), the methods also scored
     zero-shot (some of the methods), the MLflow experiment."""
-    validate(sweep, {"methods": _text_list, "ratios": _ratio_list, "zeroshot_methods": _text_list,
-                     "experiment": _text}, "sweep ")
-    for method in sweep["methods"]:
-        sweep_compress({}, method, sweep["ratios"][0])
-    stray = [m for m in sweep["zeroshot_methods"] if m not in sweep["methods"]]
-    if stray:
-        raise UserError(f"sweep: zeroshot_methods must be some of methods {sweep['methods']}, got {stray}")
-    if len(set(sweep["methods"])) < len(sweep["methods"]) or len(set(sweep["ratios"])) < len(sweep["ratios"]):
-        raise UserError(f"sweep: methods and ratios must not repeat, got {sweep['methods']} x {sweep['ratios']}")
+    methods: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a non-empty list of names", min_length=1)]
+    ratios: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], _field(
+        "a non-empty list of ratios in (0, 1) (0 is the dense model, already in the report)", min_length=1)]
+    zeroshot_methods: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a list of names")]
+    experiment: Text
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for method in self.methods:
+            try:
+                sweep_compress({}, method, self.ratios[0])
+            except UserError as e:
+                raise _rule(str(e)) from None
+        stray = [m for m in self.zeroshot_methods if m not in self.methods]
+        if stray:
+            raise _rule(f"sweep: zeroshot_methods must be some of methods {self.methods}, got {stray}")
+        if len(set(self.methods)) < len(self.methods) or len(set(self.ratios)) < len(self.ratios):
+            raise _rule(f"sweep: methods and ratios must not repeat, got {self.methods} x {self.ratios}")
+        return self
+
+
+def validate_sweep(sweep: dict) -> Sweep:
+    return check(Sweep, sweep, "sweep ")
 
 
 def load(path="params.yaml", check=validate) -> dict:
-    """Read a parameters file and `check` it (params.yaml's schema, or validate_sweep)."""
+    """Read a parameters file and `check` it (params.yaml's schema, or validate_sweep); the values
+    as read, once checked."""
     import yaml
 
     path = Path(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .params import QUANTIZE_SCHEMES as SCHEMES
+from .choices import QUANTIZE_SCHEMES as SCHEMES
 
 
 def torchao_config(scheme: str):

@@ -147,7 +147,7 @@ def sensitivity_ranks(shapes: dict[str, list[int]], costs: dict[str, torch.Tenso
         return {n: None for n in shapes}, {}
     missing = sorted(set(shapes) - set(costs))
     if missing:
-        raise UserError(f"ranks: the sensitivity allocation has no costs for {missing[:3]}; rerun compute-sensitivity")
+        raise UserError(f"ranks: the sensitivity allocation has no costs for {missing[:3]}")
     names, options, rows, price, loss = sorted(shapes), [], [], [], []
     for row, name in enumerate(names):
         m, n = shapes[name]
@@ -185,7 +185,7 @@ def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectr
         ranks = uniform_ranks(shapes, ratio)
     elif allocation == "v2":
         if spectra is None or set(spectra) != set(shapes):
-            raise UserError("ranks: the v2 allocation needs the whitened spectra of every linear; rerun compute-spectra")
+            raise UserError("ranks: the v2 allocation needs the whitened spectra of every linear")
         ranks = v2_ranks(shapes, spectra, ratio)
     elif allocation == "last-k":
         layers = 1 + max(layer_index(n) for n in shapes)
@@ -193,7 +193,7 @@ def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectr
         ranks = last_k_ranks(shapes, ratio, k) if ratio else {n: None for n in shapes}
     elif allocation == "sensitivity":
         if costs is None:
-            raise UserError("ranks: the sensitivity allocation needs the component costs; rerun compute-sensitivity")
+            raise UserError("ranks: the sensitivity allocation needs the component costs")
         ranks, solve = sensitivity_ranks(shapes, costs, ratio, multiple)
         return ranks, {"solve": solve} if solve else {}
     else:
@@ -240,11 +240,11 @@ def check_ranks(ranks: dict, shapes: dict[str, list[int]], source: str) -> None:
     if not isinstance(ranks, dict) or set(ranks) != set(shapes):
         names = set(ranks) if isinstance(ranks, dict) else set()
         odd = sorted(names ^ set(shapes))[:3]
-        raise UserError(f"ranks: {source} does not list this model's linears (e.g. {odd}); rerun allocate-ranks")
+        raise UserError(f"ranks: {source} does not list this model's linears (e.g. {odd})", artifact=source)
     for name, rank in ranks.items():
         m, n = shapes[name]
         if rank is None:
             continue
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or keeps_dense(m, n, rank):
             raise UserError(f"ranks: {source} gives {name} ({m} x {n}) rank {rank!r}; expected null (dense) "
-                            f"or an integer in [1, {math.ceil(m * n / (m + n)) - 1}]; rerun allocate-ranks")
+                            f"or an integer in [1, {math.ceil(m * n / (m + n)) - 1}]", artifact=source)

@@ -57,8 +57,8 @@ def component_costs(model, windows: torch.Tensor, stats_dir, device: torch.devic
         for local, module in layer_linears(layer).items():
             name = f"{prefix}.{index}.{local}"
             if local not in stats.shares:
-                raise UserError(f"statistics: no Gram for {name}; the statistics do not match this model, "
-                                f"rerun compute-covariances")
+                raise UserError(f"statistics: no Gram for {name}; the statistics do not match this model",
+                                artifact=stats.source)
             gram = stats.grams[stats.shares[local]].to(device) / stats.tokens
             energies[name], basis = output_basis(weight_matrix(module).detach().to(device), gram)
             bases[name], modules[name] = basis.float(), module
@@ -106,5 +106,6 @@ def save_costs(path, costs: dict[str, torch.Tensor]) -> None:
     save_tensors(path, costs)
 
 
-def load_costs(path) -> dict[str, torch.Tensor]:
-    return load_tensors(path, "sensitivity", "compute-sensitivity")
+def load_costs(path, shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The component costs of `path`; with `shapes`, checked to hold those of every linear of it."""
+    return load_tensors(path, "sensitivity", shapes)

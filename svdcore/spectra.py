@@ -45,5 +45,6 @@ def save_spectra(path, spectra: dict[str, torch.Tensor]) -> None:
     save_tensors(path, spectra)
 
 
-def load_spectra(path) -> dict[str, torch.Tensor]:
-    return load_tensors(path, "spectra", "compute-spectra")
+def load_spectra(path, shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The spectra of `path`; with `shapes`, checked to hold one for every linear of it."""
+    return load_tensors(path, "spectra", shapes)

@@ -61,13 +61,14 @@ def mean_scores(per_task: dict) -> dict:
             "chance": sum(s["chance"] for s in tasks) / len(tasks)}
 
 
-def check_same_protocol(dense: dict, tasks: list[str], limit: int) -> None:
+def check_same_protocol(dense: dict, tasks: list[str], limit: int, source: str) -> None:
     """The dense scores sit beside the compressed ones only if both saw the same items.
-    (Task order is not compared: the JSON on disk has its keys sorted.)"""
+    (Task order is not compared: the JSON on disk has its keys sorted.) `source`: the file `dense`
+    was read from."""
     scored = sorted(dense.get("tasks", {}))
     if dense.get("limit") != limit or scored != sorted(tasks):
-        raise UserError(f"zeroshot: metrics/dense.json was scored on tasks {scored} with limit {dense.get('limit')!r}, "
-                        f"params.yaml asks for {sorted(tasks)} with limit {limit}; rerun evaluate-dense")
+        raise UserError(f"zeroshot: {source} was scored on tasks {scored} with limit {dense.get('limit')!r}, "
+                        f"params.yaml asks for {sorted(tasks)} with limit {limit}", artifact=source)
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], limit: int, batch_size: int, device,

@@ -1,4 +1,5 @@
 """Tiny models built in-process: no hub, no downloads, seconds to run."""
+import copy
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,7 +102,7 @@ def sh(args, cwd, env):
 
 def set_params(work, **changes):
     """Edit params.yaml in `work`: set_params(work, compress__ratio=0.4, device="cpu")."""
-    from bench.ratio_change import set_params as set_dotted
+    from stages.project import set_params as set_dotted
 
     set_dotted(work, {path.replace("__", "."): value for path, value in changes.items()})
 
@@ -108,7 +110,7 @@ def set_params(work, **changes):
 def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
     """A fresh git + DVC repository holding the project, set up for a tiny model.
     Returns (directory, environment for subprocesses, the dvc command)."""
-    from bench.ratio_change import scratch_project
+    from stages.project import scratch_project
 
     env, dvc = scratch_project(work)
     # zero-shot on one task: the scorer has tests of its own for all seven (test_zeroshot.py)
@@ -133,7 +135,7 @@ def copy_repo(reproduced, dest: Path) -> tuple[Path, dict, list[str]]:
     Returns (directory, environment for subprocesses, the dvc command), as dvc_repo does."""
     import shutil
 
-    from bench.ratio_change import project_env
+    from stages.project import project_env
 
     shutil.copytree(reproduced[0], dest, symlinks=True)
     (dest / "mlflow.db").unlink(missing_ok=True)
@@ -163,3 +165,50 @@ def logits_in_fresh_process(model_dir, ids: torch.Tensor, scratch: Path) -> torc
         f"torch.save(m(torch.load({str(scratch / 'ids.pt')!r})).logits.detach(), {str(scratch / 'logits.pt')!r})\n",
         scratch)
     return torch.load(scratch / "logits.pt")
+
+
+# ---- shared by several test files (tests do not import each other) ----
+
+# params.yaml as shipped, and one value of it changed
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(path, value):
+    params = copy.deepcopy(DEFAULTS)
+    *parents, leaf = path.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return params
+
+
+# random linear-algebra problems: a weight and correlated activations with outlier channels
+SHAPES = [(24, 40), (40, 24), (32, 32)]  # m < n, m > n, square
+
+
+def random_problem(m, n, tokens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    # correlated activations with outlier channels, like a real LLM's
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) * torch.logspace(0, 2, n, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix
+    return weight, x
+
+
+def output_error(weight, a, b, x):
+    return torch.linalg.matrix_norm((weight - a @ b) @ x.T) ** 2
+
+
+def stats_dir(model, windows, tmp_path):
+    """The dense statistics of `model` on `windows`, on disk as compute-covariances writes them."""
+    from svdcore.compress import collect_grams
+    from svdcore.covariances import save_layer
+
+    path = tmp_path / "stats"
+    path.mkdir(exist_ok=True)
+    collect_grams(model, windows, 4, torch.device("cpu"), lambda i, st: save_layer(path, i, st))
+    return path

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings, strategies as st
 
-from conftest import tiny_causal_lm
+from conftest import DEFAULTS, tiny_causal_lm, with_value
 from svdcore import params as params_module
 from svdcore.compress import collect_grams, compress_model
 from svdcore.covariances import linear_shapes, save_layer
@@ -16,7 +15,6 @@ from svdcore.evaluation import evaluate_model
 from svdcore.lowrank import load_compressed, save_compressed
 from svdcore.model import decoder_layers, load_model
 from svdcore.ranks import check_ranks, uniform_ranks
-from test_params_and_errors import DEFAULTS, with_value
 
 CPU = torch.device("cpu")
 

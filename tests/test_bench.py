@@ -2,6 +2,7 @@
 import torch
 
 from bench import compress, infer, kernels, ratio_change
+from stages.project import stage_names
 
 
 def test_compress_bench_runs_both_modes_and_reports_every_phase(tmp_path):
@@ -45,7 +46,7 @@ def test_infer_bench_compares_dense_with_every_ratio_and_multiple():
 def test_ratio_change_bench_reruns_only_what_the_ratio_feeds(tiny_model_dir):
     result = ratio_change.main(["--target", "truncate-and-update", "--set", f"model.name={tiny_model_dir}",
                                 "--set", "calibration.samples=4", "--set", "calibration.seqlen=32"])
-    upstream = ratio_change.stage_names()[:ratio_change.stage_names().index("truncate-and-update") + 1]
+    upstream = stage_names()[:stage_names().index("truncate-and-update") + 1]
     assert set(result["first_s"]) == {"dvc repro", *upstream} and "compute-covariances" in upstream
     assert set(result["after_ratio_change_s"]) == {"dvc repro", "allocate-ranks", "truncate-and-update"}
     assert 0 < result["share"] < 1

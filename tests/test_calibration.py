@@ -70,7 +70,7 @@ def test_the_token_sampler_is_random_windows_of_the_tokenized_text():
 
 
 def test_the_sampler_param_is_checked():
-    from test_params_and_errors import with_value
+    from conftest import with_value
 
     params_module.validate(with_value("calibration.sampler", "chars"))
     with pytest.raises(UserError, match=r"^calibration.sampler: expected one of tokens, chars, got 'words'$"):

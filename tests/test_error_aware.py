@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import SHAPES, random_problem, stats_dir, tiny_llama
 from svdcore.compress import compress_model
 from svdcore.decompose import EIGEN_FLOOR, anchored_weight, eigen_whitening, truncate, whitening
 from svdcore.errors import UserError
@@ -12,7 +12,6 @@ from svdcore.methods import Recipe, recipe
 from svdcore.covariances import linear_shapes
 from svdcore.ranks import uniform_ranks
 from svdcore.refine import refine_block, trainable
-from test_linalg import SHAPES, random_problem
 
 CPU = torch.device("cpu")
 
@@ -141,7 +140,6 @@ def test_each_group_is_fitted_on_the_inputs_of_the_model_compressed_before_it(kn
     be optimal there, q/k/v's and o's alike; a loop that took o's statistics before q/k/v were
     compressed, or layer 1's before layer 0 was finished, would not be. Compared on the outputs:
     o's inputs span fewer directions than it has (v is compressed), so its factors are not unique."""
-    from test_methods import stats_dir
 
     stats = stats_dir(tiny_llama(), WINDOWS, tmp_path)
     model, dense = tiny_llama(), tiny_llama()

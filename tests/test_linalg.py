@@ -2,24 +2,10 @@
 import pytest
 import torch
 
+from conftest import SHAPES, output_error, random_problem
 from svdcore.decompose import eigen_whitening, truncate_svd, truncate_whitened, whitening
 from svdcore.gram import GramAccumulator
 from svdcore.ranks import keeps_dense, parameter_count, rank_for_ratio, uniform_ranks
-
-SHAPES = [(24, 40), (40, 24), (32, 32)]  # m < n, m > n, square
-
-
-def random_problem(m, n, tokens, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    # correlated activations with outlier channels, like a real LLM's
-    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) * torch.logspace(0, 2, n, dtype=torch.float64)
-    x = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix
-    return weight, x
-
-
-def output_error(weight, a, b, x):
-    return torch.linalg.matrix_norm((weight - a @ b) @ x.T) ** 2
 
 
 def optimal_error(weight, x, rank):

@@ -2,16 +2,15 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
-from svdcore.compress import collect_grams, compress_model, refit_a
-from svdcore.covariances import linear_shapes, save_layer
+from conftest import SHAPES, output_error, random_problem, stats_dir, tiny_llama
+from svdcore.compress import compress_model, refit_a
+from svdcore.covariances import linear_shapes
 from svdcore.decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
 from svdcore.errors import UserError
 from svdcore.lowrank import LowRankLinear
 from svdcore.fisher import fisher_scales
 from svdcore.methods import METRICS, PRESETS, Recipe, last_layers_rule, recipe, split_rank
 from svdcore.ranks import uniform_ranks
-from test_linalg import SHAPES, output_error, random_problem
 
 CPU = torch.device("cpu")
 
@@ -68,13 +67,6 @@ def test_refit_reaches_the_least_squares_optimum_and_never_loses():
     # at the optimum already: a second refit changes nothing and reports no loss
     again_before, again_after = refit_a(low, weight, x.T @ x)
     assert again_after <= again_before == pytest.approx(after, rel=1e-9)
-
-
-def stats_dir(model, windows, tmp_path):
-    path = tmp_path / "stats"
-    path.mkdir(exist_ok=True)
-    collect_grams(model, windows, 4, CPU, lambda i, st: save_layer(path, i, st))
-    return path
 
 
 def final_hidden_error(model, dense, windows):

@@ -1,5 +1,4 @@
 """Bad input: one clear line naming the parameter, exit status 2, no output written."""
-import copy
 import os
 import shutil
 import subprocess
@@ -8,28 +7,12 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import DEFAULTS, ROOT, with_value
 from svdcore import params as params_module
 from svdcore.atomic import atomic_path
 from svdcore.data import load_text
 from svdcore.errors import UserError
 from svdcore.model import resolve
-
-DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def with_value(path, value):
-    params = copy.deepcopy(DEFAULTS)
-    *parents, leaf = path.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    if value is KeyError:
-        del node[leaf]
-    else:
-        node[leaf] = value
-    return params
-
 
 def test_shipped_params_are_valid():
     params_module.validate(DEFAULTS)
@@ -137,6 +120,9 @@ def run_stage(tmp_path, module, params):
         work.mkdir()
         shutil.copytree(ROOT / "stages", work / "stages")
         shutil.copytree(ROOT / "svdcore", work / "svdcore")
+        for pipeline in ("dvc.yaml", "sweep/dvc.yaml"):
+            (work / pipeline).parent.mkdir(exist_ok=True)
+            shutil.copy(ROOT / pipeline, work / pipeline)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     return work, subprocess.run([sys.executable, "-m", module], cwd=work, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": ""})
@@ -155,5 +141,20 @@ def test_stage_reports_user_error_in_one_line(tmp_path, path, value, key):
 def test_stage_names_missing_artifact(tmp_path):
     work, done = run_stage(tmp_path, "stages.allocate_ranks", DEFAULTS)
     assert done.returncode == 2
-    assert "artifacts/linears.json is missing" in done.stderr and "Traceback" not in done.stderr
+    # the library names the artifact; the stage adds, from dvc.yaml, which stage rebuilds it
+    assert done.stderr == ("error: linear shapes: file artifacts/linears.json is missing; "
+                           "rerun compute-covariances (dvc repro)\n"), done.stderr
     assert not (work / "artifacts" / "ranks.json").exists()
+
+
+def test_the_stage_that_rebuilds_an_artifact_is_read_from_the_pipelines(monkeypatch):
+    from stages.common import rebuild_hint
+
+    monkeypatch.chdir(ROOT)
+    assert rebuild_hint("artifacts/stats/layer_003.safetensors") == "; rerun compute-covariances (dvc repro)"
+    assert rebuild_hint("metrics/dense.json") == "; rerun evaluate-dense (dvc repro)"
+    assert rebuild_hint("models/compressed") == "; rerun truncate-and-update (dvc repro)"
+    # a matrix stage's templated output, in the sweep's pipeline (its wdir is the repository root)
+    assert rebuild_hint("sweep/models/best@0.2/compress.json") == "; rerun compress (dvc repro sweep/dvc.yaml)"
+    assert rebuild_hint("sweep/artifacts/fisher.safetensors") == "; rerun fisher (dvc repro sweep/dvc.yaml)"
+    assert rebuild_hint("somewhere/else.json") == "" and rebuild_hint(None) == ""

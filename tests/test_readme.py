@@ -1,7 +1,6 @@
 """The README's commands as a user types them: in a fresh shell whose PATH does not hold the venv,
 after the one line that enters it, on a fresh git + DVC repository of the project (tiny model)."""
 import json
-import os
 import re
 import sqlite3
 import sys

@@ -6,13 +6,12 @@ import itertools
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import SHAPES, random_problem, tiny_llama
 from svdcore.compress import collect_grams
 from svdcore.covariances import linear_shapes, load_layer, save_layer
 from svdcore.errors import UserError
 from svdcore.ranks import allocate, candidate_ranks, parameter_count, sensitivity_ranks
 from svdcore.sensitivity import component_costs, load_costs, output_basis, save_costs
-from test_linalg import SHAPES, random_problem
 
 CPU = torch.device("cpu")
 
@@ -61,8 +60,11 @@ def test_component_costs_predict_the_kl_of_cutting_each_linear_alone(tmp_path):
     assert set(order(predicted)[-7:]) == set(order(measured)[-7:])  # the same most sensitive half
     save_costs(tmp_path / "c.safetensors", costs)
     assert all(torch.equal(v, costs[k]) for k, v in load_costs(tmp_path / "c.safetensors").items())
-    with pytest.raises(UserError, match=r"sensitivity: .* is unreadable .*; rerun compute-sensitivity"):
+    with pytest.raises(UserError, match=r"sensitivity: .*missing.safetensors is unreadable") as bad:
         load_costs(tmp_path / "missing.safetensors")
+    assert bad.value.artifact == str(tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match=r"sensitivity: .*c.safetensors has nothing for \['other'\]"):
+        load_costs(tmp_path / "c.safetensors", {**{name: None for name in costs}, "other": None})
 
 
 def random_costs(shapes, seed=0):
@@ -111,7 +113,7 @@ def test_sensitivity_solve_spends_the_budget_within_one_rank_step(ratio, multipl
             bigger = [r for r in candidate_ranks(m, n, multiple) if r > rank]
             step = (bigger[0] - rank) * (m + n) if bigger else m * n - rank * (m + n)
             assert step > left, name
-    with pytest.raises(UserError, match="needs the component costs; rerun compute-sensitivity"):
+    with pytest.raises(UserError, match="needs the component costs$"):
         allocate(shapes, ratio, "sensitivity")
     with pytest.raises(UserError, match="has no costs for"):
         sensitivity_ranks(shapes, {}, ratio)

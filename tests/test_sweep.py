@@ -1,6 +1,6 @@
-"""The sweep pipeline (sweep/dvc.yaml) end to end on a tiny model: points, zero-shot scores,
-report, MLflow runs; adding a ratio reruns only the new points, and a new zero-shot limit only the
-zero-shot stages."""
+"""The sweep pipeline (sweep/dvc.yaml) end to end on a tiny model: each point's model compressed
+once, its perplexity and zero-shot scores, report, MLflow runs; adding a ratio reruns only the new
+points, and a new zero-shot limit only the zero-shot stages, which compress nothing."""
 import json
 from pathlib import Path
 
@@ -30,13 +30,21 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, reproduced):
     first = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
     assert "Stage 'compute-covariances' didn't change, skipping" in first  # the main pipeline's statistics
     assert "Stage 'evaluate'" not in first  # the compressed model of the main pipeline is not in the sweep's graph
+    assert first.count("Running stage 'sweep/dvc.yaml:compress@") == 4
     assert first.count("Running stage 'sweep/dvc.yaml:point@") == 4
     assert first.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 2
     points = {p.name: json.loads(p.read_text()) for p in (work / "sweep/points").glob("*.json")}
     assert sorted(points) == ["best@0.2.json", "fwsvd@0.2.json", "ressvd@0.2.json", "svd-llm-v2@0.2.json"]
     for name, p in points.items():
         assert abs(p["ratio_achieved"]["linears"] - p["ratio"]) < 0.03, name
-        assert set(p["ppl"]) == {"wikitext2", "ptb"} and p["compress_s"] > 0
+        assert set(p["ppl"]) == {"wikitext2", "ptb"} and p["evaluate_s"] > 0
+        timings = json.loads((work / "sweep/timings/compress" / name).read_text())
+        assert 0 < timings["compress_s"] < timings["wall_s"], name
+    # each point's model is saved as the main pipeline saves its own: config, card, the description
+    model_dir = work / "sweep/models/ressvd@0.2"
+    assert json.loads((model_dir / "config.json").read_text())["svdcore"]["method"] == "ressvd"
+    assert "ressvd, ratio 0.2" in (model_dir / "README.md").read_text()
+    assert json.loads((model_dir / "compress.json").read_text())["report"]["route_counts"]
     assert points["ressvd@0.2.json"]["last_layers"] == 2  # the rule on 2 layers: three quarters, rounded up
     assert points["fwsvd@0.2.json"]["recipe"]["metric"] == "fisher"
     assert points["svd-llm-v2@0.2.json"]["recipe"]["allocation"] == "v2"
@@ -63,9 +71,11 @@ def test_sweep_runs_every_point_once_and_reports_them(tmp_path, reproduced):
     set_sweep(work, ratios=[0.2, 0.4])
     set_params(work, zeroshot__limit=1)
     second = sh(dvc + ["repro", "sweep/dvc.yaml"], work, env)
-    assert second.count("Running stage 'sweep/dvc.yaml:point@") == 4  # the new ratio, every method
+    assert second.count("Running stage 'sweep/dvc.yaml:compress@") == 4  # the new ratio, every method
+    assert second.count("Running stage 'sweep/dvc.yaml:point@") == 4
     assert "Running stage 'sweep/dvc.yaml:point@ressvd-0.4'" in second
     assert second.count("Running stage 'sweep/dvc.yaml:zeroshot@") == 4  # the new limit: every zero-shot stage
+    assert "Running stage 'sweep/dvc.yaml:compress@ressvd-0.2'" not in second  # scored on the saved model
     assert "Running stage 'evaluate-dense'" in second  # and the dense scores, which the report checks
     assert "first 1 items" in (work / "sweep/results/table.md").read_text()
     assert "Running stage 'sweep/dvc.yaml:report'" in second

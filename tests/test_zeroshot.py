@@ -14,7 +14,7 @@ from svdcore.errors import UserError
 from svdcore.generation import check_same_prompts, generate_samples, side_by_side
 from svdcore.model import decoder_layers
 from svdcore.zeroshot import TASK_DIR, check_same_protocol, evaluate_zeroshot, mean_scores
-from svdcore.params import ZEROSHOT_TASKS as TASKS
+from svdcore.choices import ZEROSHOT_TASKS as TASKS
 from svdcore.zeroshot_data import SPLITS, task_records
 
 CPU = torch.device("cpu")
@@ -229,11 +229,12 @@ def test_missing_data_file_is_named(tmp_path, tokenizer):
 
 def test_dense_scores_from_another_protocol_are_refused():
     dense = {"limit": 50, "tasks": {"piqa": {}, "arc_easy": {}}}
-    check_same_protocol(dense, ["arc_easy", "piqa"], 50)
-    with pytest.raises(UserError, match="zeroshot: metrics/dense.json was scored .* limit 50.*limit 100; rerun"):
-        check_same_protocol(dense, ["arc_easy", "piqa"], 100)
-    with pytest.raises(UserError, match="rerun evaluate-dense"):
-        check_same_protocol(dense, ["piqa"], 50)
+    check_same_protocol(dense, ["arc_easy", "piqa"], 50, "d.json")
+    with pytest.raises(UserError, match=r"zeroshot: d.json was scored .* limit 50.*limit 100$") as bad:
+        check_same_protocol(dense, ["arc_easy", "piqa"], 100, "d.json")
+    assert bad.value.artifact == "d.json"  # the stage layer adds which stage rebuilds it
+    with pytest.raises(UserError, match=r"on tasks \['arc_easy', 'piqa'\].*asks for \['piqa'\]"):
+        check_same_protocol(dense, ["piqa"], 50, "d.json")
 
 
 # ---------------------------------------------------------------- generation samples
@@ -251,10 +252,10 @@ def test_generation_is_greedy_bounded_and_repeatable(tokenizer):
 
 def test_samples_pair_up_only_for_the_same_prompts():
     dense = {"max_new_tokens": 8, "samples": [{"prompt": "a", "completion": " b"}]}
-    check_same_prompts(dense, ["a"], 8)
-    with pytest.raises(UserError, match="generate: .*rerun evaluate-dense"):
-        check_same_prompts(dense, ["a", "c"], 8)
-    with pytest.raises(UserError, match="generate: .*rerun evaluate-dense"):
-        check_same_prompts(dense, ["a"], 16)
+    check_same_prompts(dense, ["a"], 8, "d.json")
+    for prompts, budget in ((["a", "c"], 8), (["a"], 16)):
+        with pytest.raises(UserError, match="generate: d.json was made from other prompts") as bad:
+            check_same_prompts(dense, prompts, budget, "d.json")
+        assert bad.value.artifact == "d.json"
     assert side_by_side(dense["samples"], [{"prompt": "a", "completion": " c"}]) == [
         {"prompt": "a", "dense": " b", "compressed": " c"}]

@@ -1,0 +1,81 @@
+"""The tail of the pipeline, one path for every caller: the model compressed in memory to an
+allocation's ranks (truncate-and-update; a sweep point's, with its own allocation, for the sweep's
+compress stage and bench.zeroshot), and the compressed model saved with its card."""
+import time
+
+import torch
+
+from svdcore.atomic import atomic_path, json_text
+from svdcore.card import model_card
+from svdcore.compress import compress_model
+from svdcore.covariances import linear_shapes
+from svdcore.counts import parameter_counts, ratio_achieved
+from svdcore.errors import UserError
+from svdcore.fisher import load_fisher
+from svdcore.lowrank import save_compressed
+from svdcore.methods import Recipe, recipe_from_params
+from svdcore.model import checkpoint_dtype, load_model, resolve_device, resolve_dtype
+from svdcore.params import sweep_compress
+from stages.allocation import allocation_for
+from stages.io import load_calibration
+from stages.tracking import git_sha, repository_root
+
+STATS = "artifacts/stats"
+# the sweep computes the Fisher scales and the component costs whatever compress.method says
+SWEEP_FISHER = "sweep/artifacts/fisher.safetensors"
+SWEEP_SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
+
+
+def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher: str):
+    """(model, report, summary): params.yaml's model compressed in memory to `allocation`'s ranks by
+    `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher` when the recipe
+    reads them). The report is compress_model's; the summary holds the parameter counts before and
+    after, the ratio achieved (against the model as loaded: no dense evaluation needed) and the
+    compression's wall time (compress_s)."""
+    device = resolve_device(params["device"])
+    model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
+    if allocation.get("shapes") != linear_shapes(model):
+        raise UserError("ranks: the allocation was made for other linears than this model's (artifacts/linears.json); "
+                        "rerun compute-covariances and allocate-ranks (dvc repro)")
+    windows = load_calibration() if recipe.needs_windows else None
+    fisher = load_fisher(fisher, model) if recipe.needs_fisher else None
+    dense = parameter_counts(model)
+    cov = params["covariances"]
+    start = time.perf_counter()
+    report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, cov["batch_size"],
+                            route=params["compress"]["route"], offload=cov["offload_activations"], fisher=fisher)
+    compress_s = round(time.perf_counter() - start, 2)
+    compressed = parameter_counts(model)
+    return model, report, {"dense": dense, "compressed": compressed,
+                           "ratio_achieved": ratio_achieved(dense, compressed), "compress_s": compress_s}
+
+
+def save_with_card(params: dict, recipe: Recipe, allocation: dict, model, tokenizer, directory: str,
+                   extra_files: dict | None = None) -> None:
+    """The compressed model in compress.save_dtype (auto: the source checkpoint's), with its model
+    card and `extra_files` ({name: data} as JSON), written whole or not at all."""
+    compress = params["compress"]
+    save_dtype = compress["save_dtype"]
+    save_dtype = checkpoint_dtype(params["model"]["name"]) if save_dtype == "auto" else getattr(torch, save_dtype)
+    card = model_card(params, recipe.describe(), allocation, str(save_dtype).removeprefix("torch."),
+                      git_sha(repository_root()))
+    with atomic_path(directory, is_dir=True) as tmp:
+        save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
+                                                      **recipe.describe()}, dtype=save_dtype)
+        (tmp / "README.md").write_text(card)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_text(json_text(data))
+
+
+def compress_point(params: dict, method: str, ratio: float):
+    """(model, point): a sweep point's model compressed in memory: `method` (a preset, or a preset
+    with +update) at `ratio`, from the main pipeline's statistics and the sweep's Fisher scales and
+    component costs. `point` holds its params (compress is the preset's: svdcore.params.sweep_compress),
+    recipe, allocation and what the allocation decided, and compress_in_memory's report and summary."""
+    params = {**params, "compress": sweep_compress(params["compress"], method, ratio)}
+    recipe = recipe_from_params(params["compress"])
+    allocation, decided = allocation_for(params["compress"], recipe, SWEEP_SENSITIVITY)
+    model, report, summary = compress_in_memory(params, recipe, allocation, SWEEP_FISHER)
+    return model, {"params": params, "recipe": recipe, "allocation": allocation, "decided": decided,
+                   "report": report, "summary": summary}
+
