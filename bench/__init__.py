@@ -1,6 +1,4 @@
-"""Scripts that print measured figures (`python -m bench.<name>`). Like the stages, they quiet the
-warnings importing transformers brings from torchao (stages/__init__.py says which and why)."""
-import logging
-
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+"""Scripts that print measured figures (`python -m bench.<name>`). Importing the stages package
+quiets the warnings importing transformers brings from torchao, for the benches as for the stages
+(stages/__init__.py says which and why)."""
+import stages  # noqa: F401

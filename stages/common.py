@@ -14,6 +14,7 @@ from svdcore import params as params_module
 from svdcore.atomic import atomic_path, write_json
 from svdcore.errors import UserError
 from svdcore.model import load_model, resolve_device, resolve_dtype
+from stages.io import load_calibration
 
 STAGE_METRICS = Path("metrics/stages")
 
@@ -45,30 +46,38 @@ def peak_memory() -> dict:
     return figures
 
 
+ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = (("dvc.yaml", "dvc repro"), ("sweep/dvc.yaml", "dvc repro sweep/dvc.yaml"))
 
 
 def rebuild_hint(artifact: str | None) -> str:
-    """How to rebuild a missing or bad `artifact` (a path, relative to the repository root where
-    stages run): "; rerun <stage> (dvc repro)" for the stage of dvc.yaml or sweep/dvc.yaml whose
-    output holds it (a matrix stage's templated outputs included), or "" when none does."""
+    """How to rebuild a missing or bad `artifact` (a path, relative to where the stage runs): "; rerun
+    <stage> (dvc repro)" for the stage of the project's dvc.yaml or sweep/dvc.yaml whose output holds
+    it (a matrix stage by its full name, compress@best-0.2), or "" when none does or they are
+    unreadable: a hint never replaces the error it adds to."""
     if artifact is None:
         return ""
     import yaml
 
-    path = Path(artifact).resolve().as_posix()
-    for pipeline, command in PIPELINES:
-        if not Path(pipeline).is_file():
-            continue
-        stages = yaml.safe_load(Path(pipeline).read_text()).get("stages", {})
-        for name, stage in stages.items():
-            base = (Path(pipeline).parent / stage.get("wdir", ".")).resolve().as_posix()
-            for out in stage.get("outs", []) + stage.get("metrics", []):
-                out = out if isinstance(out, str) else next(iter(out))
-                # ${item.method} and the like stand for one path segment
-                pattern = "[^/]+".join(map(re.escape, re.split(r"\$\{[^}]*\}", f"{base}/{out}")))
-                if re.fullmatch(pattern + "(/.*)?", path):
-                    return f"; rerun {name} ({command})"
+    path = os.path.abspath(artifact)  # not resolve(): DVC may link outputs into its cache
+    try:
+        for pipeline, command in PIPELINES:
+            if not (ROOT / pipeline).is_file():
+                continue
+            for name, stage in (yaml.safe_load((ROOT / pipeline).read_text()).get("stages") or {}).items():
+                base = os.path.abspath((ROOT / pipeline).parent / stage.get("wdir", "."))
+                for out in (stage.get("outs") or []) + (stage.get("metrics") or []):
+                    out = out if isinstance(out, str) else next(iter(out))
+                    # ${item.method} and the like: one path segment each, which names the matrix stage
+                    parts = re.split(r"\$\{item\.(\w+)\}", f"{base}/{out}")
+                    pattern = "".join(f"(?P<{p}>[^/]+)" if i % 2 else re.escape(p) for i, p in enumerate(parts))
+                    found = re.fullmatch(pattern + "(/.*)?", path)
+                    if found:
+                        keys = list(stage.get("matrix") or {})
+                        full = f"{name}@{'-'.join(found[k] for k in keys)}" if keys else name
+                        return f"; rerun {full} ({command})"
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, IndexError, re.error, yaml.YAMLError):
+        return ""
     return ""
 
 
@@ -89,26 +98,28 @@ def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
 
 def gated_work(needed, compute, save, out: str, always: bool = False):
     """The work of a stage whose output only some methods read: when `needed(params)` (or
-    `always`), `compute(params, model, device)` on the dense model, else nothing, and
-    `save(path, result)` either way (an empty result: switching methods costs nothing), written
-    whole or not at all."""
+    `always`), `compute(params, model, windows, device)` on the dense model and the calibration
+    windows, else nothing, and `save(path, result)` either way (an empty result: switching methods
+    costs nothing), written whole or not at all. The stage's command: run_gated."""
     def work(params):
         device = resolve_device(params["device"])
         result = {}
         if always or needed(params):
+            windows = load_calibration()  # before the slow model load: a missing file stops at once
             model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
-            result = compute(params, model, device)
+            result = compute(params, model, windows, device)
         with atomic_path(out) as tmp:
             save(tmp, result)
         return {"device": str(device), "matrices": len(result)}
     return work
 
 
-def run_gated(name: str, doc: str, out: str, needed, compute, save) -> None:
-    """The command line of a gated_work stage; the sweep runs it with --always, into its own folder."""
+def run_gated(name: str, doc: str, out: str, gated) -> None:
+    """The command line of a gated_work stage, `gated(out, always)`; the sweep runs it with --always,
+    into its own folder."""
     cli = argparse.ArgumentParser(description=doc)
     cli.add_argument("--always", action="store_true", help="compute whatever compress.method is")
     cli.add_argument("--out", default=out)
     cli.add_argument("--timings-dir", default=str(STAGE_METRICS))
     args = cli.parse_args()
-    run(name, gated_work(needed, compute, save, args.out, args.always), Path(args.timings_dir))
+    run(name, gated(args.out, args.always), Path(args.timings_dir))

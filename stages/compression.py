@@ -16,7 +16,7 @@ from svdcore.lowrank import save_compressed
 from svdcore.methods import Recipe, recipe_from_params
 from svdcore.model import checkpoint_dtype, load_model, resolve_device, resolve_dtype
 from svdcore.params import sweep_compress
-from stages.allocation import allocation_for
+from stages.allocation import LINEARS, allocation_for
 from stages.io import load_calibration
 from stages.tracking import git_sha, repository_root
 
@@ -26,19 +26,19 @@ SWEEP_FISHER = "sweep/artifacts/fisher.safetensors"
 SWEEP_SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
 
 
-def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher: str):
+def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_path: str):
     """(model, report, summary): params.yaml's model compressed in memory to `allocation`'s ranks by
-    `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher` when the recipe
+    `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher_path` when the recipe
     reads them). The report is compress_model's; the summary holds the parameter counts before and
     after, the ratio achieved (against the model as loaded: no dense evaluation needed) and the
     compression's wall time (compress_s)."""
     device = resolve_device(params["device"])
     model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     if allocation.get("shapes") != linear_shapes(model):
-        raise UserError("ranks: the allocation was made for other linears than this model's (artifacts/linears.json); "
-                        "rerun compute-covariances and allocate-ranks (dvc repro)")
+        raise UserError(f"ranks: the allocation was made from {LINEARS}, which lists other linears than this "
+                        f"model's", artifact=LINEARS)
     windows = load_calibration() if recipe.needs_windows else None
-    fisher = load_fisher(fisher, model) if recipe.needs_fisher else None
+    fisher = load_fisher(fisher_path, model) if recipe.needs_fisher else None
     dense = parameter_counts(model)
     cov = params["covariances"]
     start = time.perf_counter()
@@ -78,4 +78,3 @@ def compress_point(params: dict, method: str, ratio: float):
     model, report, summary = compress_in_memory(params, recipe, allocation, SWEEP_FISHER)
     return model, {"params": params, "recipe": recipe, "allocation": allocation, "decided": decided,
                    "report": report, "summary": summary}
-

@@ -9,7 +9,6 @@ from stages.common import run
 from stages.io import DENSE, DENSE_SAMPLES
 
 
-
 def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     name = params["model"]["name"]

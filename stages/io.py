@@ -39,11 +39,11 @@ def load_calibration():
     from safetensors.torch import load_file
 
     if not CALIBRATION.is_file():
-        raise UserError(f"calibration: {CALIBRATION} is missing; run collect-calibration (dvc repro)")
+        raise UserError(f"calibration: {CALIBRATION} is missing", artifact=CALIBRATION)
     try:
         return load_file(str(CALIBRATION))["input_ids"]
     except Exception as e:  # truncated or foreign file
-        raise UserError(f"calibration: {CALIBRATION} is unreadable ({e}); rerun collect-calibration") from None
+        raise UserError(f"calibration: {CALIBRATION} is unreadable ({e})", artifact=CALIBRATION) from None
 
 
 def load_sweep_model(params: dict, method: str, ratio: float):

@@ -10,6 +10,7 @@ zero-shot stages read. Its wall time goes to sweep/timings/compress/, which only
 import sys
 
 from svdcore.atomic import write_json
+from svdcore.card import REPRODUCING
 from svdcore.model import load_tokenizer
 from stages.common import peak_memory, run, wall_s
 from stages.compression import compress_point, save_with_card
@@ -17,12 +18,16 @@ from stages.io import SWEEP_DESCRIPTION, sweep_compress_timings, sweep_model_dir
 
 
 def work(params, method: str, ratio: float) -> dict:
+    tokenizer = load_tokenizer(params["model"]["name"])  # saved beside the model; before the slow work
     model, point = compress_point(params, method, ratio)
     recipe, summary = point["recipe"], point["summary"]
+    # the params that made the model (those this stage depends on); the point and zero-shot stages
+    # add the evaluation settings they use
+    made_by = {key: point["params"][key] for key in ("device", *REPRODUCING)}
     description = {"method": method, "ratio": ratio, "recipe": recipe.describe(), **point["decided"],
-                   "ratio_achieved": summary["ratio_achieved"], "params": point["params"], "report": point["report"]}
-    save_with_card(point["params"], recipe, point["allocation"], model, load_tokenizer(params["model"]["name"]),
-                   sweep_model_dir(method, ratio), extra_files={SWEEP_DESCRIPTION: description})
+                   "ratio_achieved": summary["ratio_achieved"], "params": made_by, "report": point["report"]}
+    save_with_card(point["params"], recipe, point["allocation"], model, tokenizer, sweep_model_dir(method, ratio),
+                   extra_files={SWEEP_DESCRIPTION: description})
     write_json(sweep_compress_timings(method, ratio), {"compress_s": summary["compress_s"], "wall_s": wall_s(),
                                                        **peak_memory()})
     return {}

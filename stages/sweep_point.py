@@ -11,8 +11,7 @@ import time
 from svdcore.atomic import write_json
 from svdcore.evaluation import measure
 from stages.common import peak_memory, run, wall_s
-from stages.io import load_sweep_model
-from stages.io import point_file
+from stages.io import load_sweep_model, point_file
 
 
 def work(params, method: str, ratio: float) -> dict:
@@ -20,7 +19,8 @@ def work(params, method: str, ratio: float) -> dict:
     start = time.perf_counter()
     metrics, _ = measure(model, tokenizer, params, device, f"{method}@{ratio}", what=("perplexity",))
     write_json(point_file(method, ratio), {
-        **point, "ppl": metrics["ppl"], "windows": metrics["windows"],
+        **point, "params": {**point["params"], "evaluate": params["evaluate"]},
+        "ppl": metrics["ppl"], "windows": metrics["windows"],
         "evaluate_s": round(time.perf_counter() - start, 2), "wall_s": wall_s(), **peak_memory()})
     return {}
 

@@ -11,8 +11,7 @@ import time
 from svdcore.atomic import write_json
 from svdcore.evaluation import measure
 from stages.common import peak_memory, run, wall_s
-from stages.io import load_sweep_model
-from stages.io import zeroshot_file
+from stages.io import load_sweep_model, zeroshot_file
 
 
 def work(params, method: str, ratio: float) -> dict:

@@ -20,8 +20,9 @@ def work(params):
             raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.{param} {allocation.get(key)!r}, "
                             f"params.yaml says {wanted!r}; rerun allocate-ranks")
     check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
+    tokenizer = load_tokenizer(params["model"]["name"])  # saved beside the model; before the slow work
     model, report, summary = compress_in_memory(params, recipe, allocation, "artifacts/fisher.safetensors")
-    save_with_card(params, recipe, allocation, model, load_tokenizer(params["model"]["name"]), MODEL_DIR)
+    save_with_card(params, recipe, allocation, model, tokenizer, MODEL_DIR)
     write_json(REPORT, report)
     return {"compress_s": summary["compress_s"]}
 

@@ -93,7 +93,7 @@ def save_tensors(path, tensors: dict) -> None:
 
 def load_tensors(path, what: str, names=None) -> dict:
     """The named tensors of a safetensors file; a missing, truncated or foreign file is named, and
-    so is one that lacks any of `names` (when given)."""
+    so is one whose names are not exactly `names` (when given)."""
     from safetensors.torch import load_file
 
     from .errors import UserError
@@ -102,7 +102,8 @@ def load_tensors(path, what: str, names=None) -> dict:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise UserError(f"{what}: {path} is unreadable ({type(e).__name__}: {e})", artifact=path) from None
-    missing = sorted(set(names or ()) - set(tensors))
-    if missing:
-        raise UserError(f"{what}: {path} has nothing for {missing[:3]}", artifact=path)
+    if names is not None and set(names) != set(tensors):
+        missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+        raise UserError(f"{what}: {path} does not match this model's linears (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]})", artifact=path)
     return tensors

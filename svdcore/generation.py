@@ -10,6 +10,8 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     text), at most `max_new_tokens`, stopping early at the end-of-sequence token."""
     from transformers import GenerationConfig
 
+    if not prompts:  # nothing to write: the model stays where it is
+        return []
     model.to(device)
     eos = tokenizer.eos_token_id
     # A fresh config: the model's own may ask for sampling (temperature, top_p), which greedy ignores.

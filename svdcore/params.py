@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from .choices import (ALLOCATIONS, DTYPES, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
@@ -152,10 +151,11 @@ class Params(Section):
 def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
     """One line for pydantic's `error`: the key, then what is wrong with it."""
     names, info, node = [], None, model
+    unknown = error["type"] in ("extra_forbidden", "invalid_key")  # a key that is no field, or not text
     for part in error["loc"]:  # the fields along the path; list indices and union tags are not keys
         if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
-            if error["type"] == "extra_forbidden":
-                names.append(str(part))
+            if unknown:
+                names.append(str(error["input"] if error["type"] == "invalid_key" else part))
             break
         names.append(part)
         info = node.model_fields[part]
@@ -164,7 +164,7 @@ def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
     kind, value = error["type"], error.get("input")
     if kind == "missing":
         return f"{key}: missing from params.yaml"
-    if kind == "extra_forbidden":
+    if unknown:
         return f"{key}: unknown key; allowed here: {', '.join(node.model_fields)}"
     if kind == "model_type":
         return f"{key}: expected a mapping, got {value!r}"
@@ -172,26 +172,17 @@ def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
         return f"{key}: {error['msg']}" if names else error["msg"]
     if info is None:
         return f"{key}: {error['msg']}"
-    said = _said(info)
-    expected = said["expected"]
+    said = info.json_schema_extra or {}  # every leaf's, from _field (Annotated metadata merges into it)
+    expected = said.get("expected")
     if expected is None:  # an integer: the bound the error names, if any
         bound = error.get("ctx", {}).get("ge")
         expected = "an integer" if bound is None else f"an integer >= {bound}"
     line = f"{key}: expected {expected}, got {value!r}"
-    if said["null"]:
+    if said.get("null"):
         line += f" (or null for {said['null']})"
-    if said["hint"]:
+    if said.get("hint"):
         line += f" ({said['hint']})"
     return line
-
-
-def _said(info: FieldInfo) -> dict:
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    if "expected" not in extra:  # Annotated aliases (Text, Count...) carry theirs in the metadata
-        for item in info.metadata:
-            if isinstance(item, FieldInfo) and isinstance(item.json_schema_extra, dict):
-                extra = item.json_schema_extra
-    return {"expected": extra.get("expected"), "null": extra.get("null"), "hint": extra.get("hint")}
 
 
 def check(model: type[BaseModel], values, prefix: str = ""):
@@ -199,7 +190,10 @@ def check(model: type[BaseModel], values, prefix: str = ""):
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise UserError(_message(e.errors()[0], model, prefix)) from None
+        errors = e.errors()
+        # a misspelt key reads better as unknown than as the missing one it was meant to be
+        first = next((x for x in errors if x["type"] in ("extra_forbidden", "invalid_key")), errors[0])
+        raise UserError(_message(first, model, prefix)) from None
 
 
 def validate(params: dict) -> Params:

@@ -66,8 +66,9 @@ def streamed_logits(model, windows: torch.Tensor, batch_size: int, device: torch
 def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device, desc: str = "perplexity",
                stream_layers: bool = False) -> dict:
     """exp(mean token NLL) over all windows; stops on non-finite logits naming the window. With
-    `stream_layers` the model stays where it is and its decoder layers pass through `device` one
-    at a time (streamed_logits): the same number, for models bigger than the device."""
+    `stream_layers` the decoder layers stay where they are and pass through `device` one at a time
+    (streamed_logits; the embeddings, final norm and head move to it): the same number, for models
+    bigger than the device."""
     if stream_layers:  # closed below whatever happens, which puts the real layers back
         logits_of = streamed_logits(model, windows, batch_size, device)
     else:

@@ -107,5 +107,5 @@ def save_costs(path, costs: dict[str, torch.Tensor]) -> None:
 
 
 def load_costs(path, shapes: dict | None = None) -> dict[str, torch.Tensor]:
-    """The component costs of `path`; with `shapes`, checked to hold those of every linear of it."""
+    """The component costs of `path`; with `shapes`, checked to hold those of each linear of it and no other."""
     return load_tensors(path, "sensitivity", shapes)

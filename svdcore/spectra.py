@@ -46,5 +46,5 @@ def save_spectra(path, spectra: dict[str, torch.Tensor]) -> None:
 
 
 def load_spectra(path, shapes: dict | None = None) -> dict[str, torch.Tensor]:
-    """The spectra of `path`; with `shapes`, checked to hold one for every linear of it."""
+    """The spectra of `path`; with `shapes`, checked to hold one for each linear of it and no other."""
     return load_tensors(path, "spectra", shapes)

@@ -147,14 +147,29 @@ def test_stage_names_missing_artifact(tmp_path):
     assert not (work / "artifacts" / "ranks.json").exists()
 
 
-def test_the_stage_that_rebuilds_an_artifact_is_read_from_the_pipelines(monkeypatch):
+def test_the_stage_that_rebuilds_an_artifact_is_read_from_the_pipelines(monkeypatch, tmp_path):
     from stages.common import rebuild_hint
 
     monkeypatch.chdir(ROOT)
     assert rebuild_hint("artifacts/stats/layer_003.safetensors") == "; rerun compute-covariances (dvc repro)"
     assert rebuild_hint("metrics/dense.json") == "; rerun evaluate-dense (dvc repro)"
     assert rebuild_hint("models/compressed") == "; rerun truncate-and-update (dvc repro)"
-    # a matrix stage's templated output, in the sweep's pipeline (its wdir is the repository root)
-    assert rebuild_hint("sweep/models/best@0.2/compress.json") == "; rerun compress (dvc repro sweep/dvc.yaml)"
+    # a matrix stage's templated output, named as DVC names the stage, in the sweep's pipeline
+    assert rebuild_hint("sweep/models/best@0.2/compress.json") == \
+        "; rerun compress@best-0.2 (dvc repro sweep/dvc.yaml)"
     assert rebuild_hint("sweep/artifacts/fisher.safetensors") == "; rerun fisher (dvc repro sweep/dvc.yaml)"
     assert rebuild_hint("somewhere/else.json") == "" and rebuild_hint(None) == ""
+    monkeypatch.chdir(tmp_path)  # elsewhere, the project's own pipelines still answer for its files
+    assert rebuild_hint(str(ROOT / "metrics/dense.json")) == "; rerun evaluate-dense (dvc repro)"
+    assert rebuild_hint("metrics/dense.json") == ""
+
+
+def test_a_misspelt_or_non_text_key_is_named_as_unknown():
+    params = with_value("compress.ratio", KeyError)
+    params["compress"]["ratoi"] = 0.2  # reported as the unknown key, not as a missing ratio
+    with pytest.raises(UserError, match=r"^compress.ratoi: unknown key; allowed here: ratio, method"):
+        params_module.validate(params)
+    params = with_value("device", "cpu")
+    params["compress"][1] = 2  # YAML reads `1:` (and `on:`, `null:`) as keys that are not text
+    with pytest.raises(UserError, match=r"^compress.1: unknown key; allowed here: ratio, method"):
+        params_module.validate(params)

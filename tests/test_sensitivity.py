@@ -63,7 +63,8 @@ def test_component_costs_predict_the_kl_of_cutting_each_linear_alone(tmp_path):
     with pytest.raises(UserError, match=r"sensitivity: .*missing.safetensors is unreadable") as bad:
         load_costs(tmp_path / "missing.safetensors")
     assert bad.value.artifact == str(tmp_path / "missing.safetensors")
-    with pytest.raises(UserError, match=r"sensitivity: .*c.safetensors has nothing for \['other'\]"):
+    with pytest.raises(UserError, match=r"sensitivity: .*c.safetensors does not match this model's linears "
+                                        r"\(missing \['other'\], unexpected \[\]\)"):
         load_costs(tmp_path / "c.safetensors", {**{name: None for name in costs}, "other": None})
 
 
