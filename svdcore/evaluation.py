@@ -41,11 +41,10 @@ def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES) -
     unknown = set(what) - set(MEASURES)
     if unknown:
         raise ValueError(f"measure: unknown {sorted(unknown)}; expected some of {MEASURES}")
-    metrics, runtime = parameter_counts(model), {}
-    if "perplexity" in what:
-        ev = params["evaluate"]
-        metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                          ev["batch_size"], device, label, ev["stream_layers"])
+    ev = params["evaluate"]
+    metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
+                                      ev["batch_size"], device, label, ev["stream_layers"]) \
+        if "perplexity" in what else (parameter_counts(model), {})  # evaluate_model counts them too
     if "zeroshot" in what:
         zs = params["zeroshot"]
         metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], zs["limit"],
