@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 repro: $(STAMP)
 	dvc repro
 
+# the suite's tests spread over this many processes (pytest-xdist); most of its time is subprocesses
+# of dvc and the stages, one core each
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	python -m pytest -q
+	python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV)

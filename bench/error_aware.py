@@ -15,6 +15,7 @@ A row of a refined variant with statistics on the shifted inputs (anchor, update
 those statistics (2026-12-03), false after; a rerun measures the true ones again.
 """
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def knobs_of(name: str) -> dict:
     return knobs
 
 
+def recipe_of(name: str, **defaults) -> dict:
+    """The recipe a variant names, as Recipe.describe() records it; `defaults` for knobs it leaves out."""
+    return Recipe(**{**WHITENING, **defaults, **knobs_of(name)}).describe()
+
+
 def costs_for(model, device) -> dict:
     """The pipeline's component costs, or (compute-sensitivity left the file empty: another allocation)
     the same measurement made here once per process; the pipeline's artifact is never overwritten."""
@@ -103,14 +109,16 @@ def main(argv=None):
                                                 args.windows, 4, device, label)[0]["ppl"]
     previous = previous_rows(args.json)
     # rows marked heldout_in_fit were measured before the windows refinement holds out were kept out of
-    # the statistics on X~ (svdcore.compress): measured again when asked for
-    done = {(r["ratio"], r["variant"]) for r in previous if not r.get("heldout_in_fit")}
+    # the statistics on X~ (svdcore.compress): measured again when asked for. A row is reused for the
+    # recipe it measured: rows from before rows recorded it were made when refine_holdout defaulted to 0.125
+    done = {(r["ratio"], json.dumps(r.get("recipe") or recipe_of(r["variant"], refine_holdout=0.125), sort_keys=True))
+            for r in previous if not r.get("heldout_in_fit") and r["variant"] != "dense"}
     rows = previous or [{"ratio": 0.0, "variant": "dense", **score(dense, "dense")}]
     for ratio in args.ratios:
         for name in args.variants:
-            if (ratio, name) in done:
-                continue
             recipe = Recipe(**{**WHITENING, **knobs_of(name)})
+            if (ratio, json.dumps(recipe.describe(), sort_keys=True)) in done:
+                continue
             spectra = load_spectra("artifacts/spectra.safetensors") if recipe.allocation == "v2" else None
             costs = costs_for(dense, device) if recipe.allocation == "sensitivity" else None
             ranks, decided = allocate(shapes, ratio, recipe.allocation, spectra, recipe.last_layers, 1, costs)
@@ -122,7 +130,7 @@ def main(argv=None):
             seconds = time.perf_counter() - start
             refined = report.get("refine", {})
             gain = [1 - r["heldout_after"] / r["heldout_before"] for r in refined.values() if r["heldout_before"]]
-            rows.append({"ratio": ratio, "variant": name, **score(model, f"{name} @{ratio}"),
+            rows.append({"ratio": ratio, "variant": name, "recipe": recipe.describe(), **score(model, f"{name} @{ratio}"),
                          "compress_s": round(seconds, 1),
                          "phases_s": {k: round(v, 1) for k, v in sorted(sections.seconds.items())},
                          "refine_steps_run": sum(r["steps"] for r in refined.values()),

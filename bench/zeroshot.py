@@ -6,7 +6,9 @@ Each method is compressed in memory as its sweep point is (`stages.compression.c
 pipeline's statistics, the preset's knobs, params.yaml's route and rank multiple, computing in model.dtype;
 the sweep scores its saved model instead, stored in compress.save_dtype; `dvc repro`
 and, for the fisher or sensitivity allocation, the sweep's fisher / sensitivity stages first),
-then scored by lm-eval on the first --limit items of every task of params.yaml's `zeroshot`.
+then scored by lm-eval on the first --limit items of every task of params.yaml's `zeroshot`. With
+--saved, each method's model is instead the one its sweep compress stage saved
+(sweep/models/<method>@<ratio>/, as the sweep's zero-shot stage loads it): nothing is compressed again.
 Prints per-task acc / acc_norm and the mean over tasks with its standard error (the tasks'
 standard errors combined, as independent), and each method's margin over chance; writes --json
 after every method. Nothing here is asserted.
@@ -32,8 +34,11 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", default=None)
+    p.add_argument("--saved", action="store_true",
+                   help="score the sweep's saved models (run its compress stages first) instead of compressing")
     args = p.parse_args(argv)
     from stages.compression import compress_point
+    from stages.io import load_sweep_model
 
     params = load()
     device = resolve_device(params["device"] if args.device == "auto" else args.device)
@@ -41,13 +46,17 @@ def main(argv=None):
     zs = params["zeroshot"]
     previous = previous_rows(args.json)
     rows = [r for r in previous if r["limit"] == args.limit and r["ratio"] in (0.0, args.ratio)]
-    done = {r["method"] for r in rows}
+    # a compressed method is done when scored the same way (saved model or in memory); dense either way
+    done = {r["method"] for r in rows if r["method"] == "dense" or r.get("saved", False) == args.saved}
     for method in args.methods:
         if method in done:
             continue
         start = time.perf_counter()
         if method == "dense":
             model, ratio = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device)), 0.0
+        elif args.saved:
+            model, _, _, _ = load_sweep_model(params, method, args.ratio)
+            ratio = args.ratio
         else:
             model, _ = compress_point(params, method, args.ratio)
             ratio = args.ratio
@@ -58,7 +67,8 @@ def main(argv=None):
                      "acc": mean["acc"], "acc_stderr": mean_stderr(scores["tasks"], "acc"),
                      "acc_norm": mean["acc_norm"], "acc_norm_stderr": mean_stderr(scores["tasks"], "acc_norm"),
                      "margin_acc_norm": mean["acc_norm"] - mean["chance"], "chance": mean["chance"],
-                     "tasks": scores["tasks"], "compress_s": round(compress_s, 1),
+                     "tasks": scores["tasks"], "saved": args.saved and method != "dense",
+                     ("load_s" if args.saved else "compress_s"): round(compress_s, 1),
                      "zeroshot_s": round(sum(runtime["zeroshot_seconds"].values()), 1)})
         print(table(rows[-1:], ["method", "ratio", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
                                 "margin_acc_norm", "zeroshot_s"]), flush=True)
@@ -66,7 +76,7 @@ def main(argv=None):
     tasks = list(rows[0]["tasks"]) if rows else []
     per_task = [{"method": r["method"], **{t: f"{r['tasks'][t]['acc']:.3f} / {r['tasks'][t].get('acc_norm', r['tasks'][t]['acc']):.3f}"
                                            for t in tasks}} for r in rows]
-    print(table(rows, ["method", "ratio", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "margin_acc_norm"]))
+    print(table(rows, ["method", "saved", "ratio", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "margin_acc_norm"]))
     print(table(per_task, ["method", *tasks]))
     return rows
 

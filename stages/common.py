@@ -83,17 +83,50 @@ def rebuild_hint(artifact: str | None) -> str:
 
 def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
     """Call work(params) -> dict of runtime figures; write them with the stage's wall time and
-    peak memory to <timings_dir>/<name>.json (None: the work records its own). A UserError exits
-    2 with one line, no traceback."""
+    peak memory to <timings_dir>/<name>.json (None: the work records its own; under torchrun, rank
+    0's figures alone). A UserError exits 2 with one line, no traceback."""
     try:
         params = params_module.load()
         figures = work(params) or {}
     except UserError as e:
         print(f"error: {e}{rebuild_hint(e.artifact)}", file=sys.stderr)
         sys.exit(2)
-    if timings_dir is not None:
+    # under torchrun (svdcore.distributed), rank 0 alone writes; read from the environment here, so
+    # that the stages that never run distributed do not depend on that module
+    rank = os.environ.get("RANK", "0") if "TORCHELASTIC_RUN_ID" in os.environ else "0"
+    if timings_dir is not None and rank == "0":
         figures.update(wall_s=wall_s(), **peak_memory())
         write_json(Path(timings_dir) / f"{name}.json", figures)
+
+
+def under_torchrun(params, module: str) -> None:
+    """When params.yaml asks for more than one process (distributed.nproc_per_node x .nnodes) and
+    this is not yet one of them, replace this process by torchrun running `module` in as many:
+    `dvc repro` keeps its plain `python -m stages.X` command, and one process (the default) runs
+    exactly as without torchrun. Every node of a multi-node run starts the same command in the same
+    repository (a shared filesystem: rank 0 writes the outputs, wherever it lands)."""
+    spread = params["distributed"]
+    processes = spread["nproc_per_node"] * spread["nnodes"]
+    if processes == 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    # what would otherwise fail only once the processes run, or hang at the rendezvous
+    if params["calibration"]["samples"] < processes:
+        raise UserError(f"distributed: {params['calibration']['samples']} calibration windows "
+                        f"(calibration.samples) for {processes} processes (distributed.nproc_per_node x .nnodes); "
+                        f"expected at least one window a process")
+    host, port = spread["rdzv_endpoint"].rsplit(":", 1)
+    if spread["nnodes"] > 1 and (port == "0" or host in ("localhost", "127.0.0.1")):
+        raise UserError(f"distributed.rdzv_endpoint: {spread['rdzv_endpoint']!r} for {spread['nnodes']} machines; "
+                        f"expected host:port of the first machine that the others can reach, e.g. node0:29500")
+    device = resolve_device(params["device"])
+    if device.type == "cuda" and spread["nproc_per_node"] > torch.cuda.device_count():
+        raise UserError(f"distributed.nproc_per_node: {spread['nproc_per_node']} processes for "
+                        f"{torch.cuda.device_count()} GPUs; expected one GPU a process at most")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spread["nnodes"]),
+                              "--nproc-per-node", str(spread["nproc_per_node"]), "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", spread["rdzv_endpoint"], "-m", module])
 
 
 def gated_work(needed, compute, save, out: str, always: bool = False):

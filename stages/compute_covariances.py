@@ -1,12 +1,17 @@
-"""compute-covariances: one streamed pass of the original model, a Gram per linear input."""
+"""compute-covariances: one streamed pass of the original model, a Gram per linear input.
+
+Under torchrun with several processes (`distributed.nproc_per_node`, dvc.yaml's command) each
+process streams its share of the windows; every layer's statistics are summed over the processes
+before rank 0 alone writes them (svdcore.distributed)."""
 from concurrent.futures import ThreadPoolExecutor
 
 from svdcore.atomic import atomic_path, write_json
+from svdcore import distributed
 from svdcore.compress import collect_grams
 from svdcore.covariances import linear_shapes, save_layer
 from svdcore.errors import UserError
 from svdcore.model import load_model, resolve_device, resolve_dtype
-from stages.common import run
+from stages.common import run, under_torchrun
 from stages.io import load_calibration
 
 STATS = "artifacts/stats"
@@ -15,6 +20,7 @@ LINEARS = "artifacts/linears.json"
 
 def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
+    under_torchrun(params, "stages.compute_covariances")
     windows = load_calibration()
     model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
     vocab = model.get_input_embeddings().num_embeddings
@@ -23,19 +29,37 @@ def work(params):
                         f"the model's vocabulary ({vocab}); the windows were made with another tokenizer, "
                         f"rerun collect-calibration")
     cov = params["covariances"]
-    with atomic_path(STATS, is_dir=True) as tmp, ThreadPoolExecutor(1) as writer:
+    device = distributed.join(device)
+    try:
+        if distributed.env_rank() == 0:
+            with atomic_path(STATS, is_dir=True) as tmp:
+                collect(model, windows, cov, device, tmp)
+            write_json(LINEARS, {"shapes": linear_shapes(model), "tokens": windows.numel()})
+        else:
+            collect(model, windows, cov, device, None)
+    finally:
+        distributed.leave()
+    return {"device": str(device), "tokens": windows.numel(), "processes": distributed.env_world_size(),
+            "rank": distributed.env_rank()}
+
+
+def collect(model, windows, cov: dict, device, out) -> None:
+    """This process's share of the statistics pass, summed over the processes layer by layer and
+    written to `out` (None: a process that writes nothing)."""
+    with ThreadPoolExecutor(1) as writer:
         pending = []
 
         def save(index, stats):  # written by a worker while the next layer runs; one write in flight at most
+            stats = distributed.all_reduce_stats(stats)
             while pending:
                 pending.pop().result()
-            pending.append(writer.submit(save_layer, tmp, index, stats))
+            if out is not None:
+                pending.append(writer.submit(save_layer, out, index, stats))
 
-        collect_grams(model, windows, cov["batch_size"], device, save, offload=cov["offload_activations"])
+        collect_grams(model, distributed.shard(windows), cov["batch_size"], device, save,
+                      offload=cov["offload_activations"])
         for job in pending:
             job.result()
-    write_json(LINEARS, {"shapes": linear_shapes(model), "tokens": windows.numel()})
-    return {"device": str(device), "tokens": windows.numel()}
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import math
 from pathlib import Path
 
 from svdcore.atomic import atomic_path
-from stages.tracking import flatten, numeric_metrics, open_experiment
+from stages.tracking import flatten, numeric_metrics, opened_experiment
 
 DENSE = "dense"
 PNG_DPI = 100
@@ -309,8 +309,7 @@ def log_sweep(experiment: str, dense: dict, points: list[dict], sweep_params: di
     missing = [str(a) for a in artifacts if not Path(a).exists()]
     if missing:  # before any run is opened: a report without its files is not logged at all
         raise FileNotFoundError(f"sweep artifacts missing: {', '.join(missing)}")
-    tags = open_experiment(experiment)
-    with mlflow.start_run(run_name="sweep") as parent:
+    with opened_experiment(experiment) as tags, mlflow.start_run(run_name="sweep") as parent:
         mlflow.log_params({k: str(v) for k, v in flatten(sweep_params).items()})
         mlflow.log_metrics(numeric_metrics({"dense": dense}))
         mlflow.set_tags(tags)

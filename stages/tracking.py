@@ -6,6 +6,7 @@ mlflow is imported lazily: a stage that logs nothing does not pay for the import
 """
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -52,31 +53,36 @@ def numeric_metrics(tree: dict) -> dict:
     return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def open_experiment(experiment: str) -> dict:
+@contextmanager
+def opened_experiment(experiment: str):
     """Point MLflow at the store at the repository root and make `experiment` (created if new)
-    the active one; returns the tags every run carries (git sha, DVC experiment name)."""
+    the active one, holding the store's lock file (mlflow.db.lock) until the block ends; yields the
+    tags every run carries (git sha, DVC experiment name). Processes that log at once (queued DVC
+    experiments under `dvc queue start --jobs N`) take turns: SQLite has one writer at a time, and
+    MLflow's set-up of a new store (its schema migrations) must not run twice at once."""
     import mlflow
+    from filelock import FileLock
 
     root = repository_root()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").as_uri())
-    mlflow.set_experiment(experiment)
-    tags = {"git_sha": git_sha(root)}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    return tags
+    with FileLock(str(root / "mlflow.db.lock")):
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").as_uri())
+        mlflow.set_experiment(experiment)
+        tags = {"git_sha": git_sha(root)}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        yield tags
 
 
 def log_run(experiment: str, params: dict, metrics: dict, artifacts: list[str], tags: dict | None = None) -> str:
     """Log params, numeric metrics, artifact files and extra tags; return the run id."""
     import mlflow
 
-    tags = {**open_experiment(experiment), **(tags or {})}
-    with mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
+    with opened_experiment(experiment) as common, mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
         mlflow.log_metrics(numeric_metrics(metrics))
-        mlflow.set_tags(tags)
+        mlflow.set_tags({**common, **(tags or {})})
         for path in artifacts:
             if Path(path).is_file():
                 mlflow.log_artifact(path)

@@ -130,6 +130,13 @@ class Generate(Section):
     max_new_tokens: Count
 
 
+class Distributed(Section):
+    nproc_per_node: Count
+    nnodes: Count
+    rdzv_endpoint: Annotated[str, _field("host:port of the rendezvous (localhost:0: a free port, one machine)",
+                                         pattern=r"^[^\s:]+:\d+$")]
+
+
 class Mlflow(Section):
     experiment: Text
 
@@ -139,6 +146,7 @@ class Params(Section):
     model: Model
     calibration: Calibration
     covariances: Covariances
+    distributed: Distributed
     compress: Compress
     quantize: Quantize
     sensitivity: Sensitivity

@@ -2,9 +2,10 @@
 low-rank factors and norm weights so that the compressed block, fed the shifted inputs X~ (what
 the compressed prefix hands it), reproduces the dense block's outputs on the dense inputs X.
 
-AdamW, linear warm-up then cosine decay, gradient clipping; a held-out share of the calibration
-windows is scored before training and after every epoch, the best state is kept and training
-stops once an epoch fails to improve it. Everything runs in float32 whatever the model's dtype,
+AdamW, linear warm-up then cosine decay, gradient clipping. With a held-out share above 0 (the
+default is 0: every window trains, every step runs), that share of the calibration windows is
+scored before training and after every epoch, the best state is kept and training stops once an
+epoch fails to improve it. Everything runs in float32 whatever the model's dtype,
 batches are drawn by a seeded generator, so two runs on a CPU are bit-identical.
 """
 import math

@@ -1,6 +1,7 @@
 """Tiny models built in-process: no hub, no downloads, seconds to run."""
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,21 @@ def tiny_causal_lm(arch: str, vocab_size: int = 320, seed: int = 0):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
+def shared_dir(tmp_path_factory) -> Path | None:
+    """Under pytest-xdist, the folder every worker of this run shares (the run's own base
+    temporary folder, one level above each worker's); None in a run without workers."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    return tmp_path_factory.getbasetemp().parent
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache_dir(tmp_path_factory):
-    """The suite converts the GGUF into its own cache, never the user's (~/.cache/svdcore)."""
-    path = tmp_path_factory.mktemp("svdcore-cache")
+    """The suite converts the GGUF into its own cache, never the user's (~/.cache/svdcore); the
+    workers of one run share it, so the conversion happens once a run."""
+    shared = shared_dir(tmp_path_factory)
+    path = shared / "svdcore-cache" if shared else tmp_path_factory.mktemp("svdcore-cache")
+    path.mkdir(exist_ok=True)
     previous = os.environ.get("SVDCORE_CACHE")
     os.environ["SVDCORE_CACHE"] = str(path)
     yield path
@@ -76,8 +88,22 @@ def gguf_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A saved tiny Llama with its tokenizer, usable as model.name."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+    """A saved tiny Llama with its tokenizer, usable as model.name. Under pytest-xdist the workers
+    share one folder: the path is written into the model cards of the repositories they compare."""
+    shared = shared_dir(tmp_path_factory)
+    if shared is None:
+        return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    from filelock import FileLock
+
+    with FileLock(str(shared / "tiny-llama.lock")):
+        path, done = shared / "tiny-llama", shared / "tiny-llama.done"
+        if not done.is_file():
+            save_tiny_llama(path)
+            done.touch()
+    return path
+
+
+def save_tiny_llama(path: Path) -> Path:
     tokenizer = tiny_tokenizer()
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -124,16 +150,28 @@ def dvc_repo(work: Path, model_dir) -> tuple[Path, dict, list[str]]:
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     """A dvc_repo after one full `dvc repro`, and the log of that run. The tests that need a
-    pipeline that has run start from a copy of it (copy_repo) rather than reproduce it again."""
-    work, env, dvc = dvc_repo(tmp_path_factory.mktemp("reproduced") / "repo", tiny_model_dir)
-    return work, sh(dvc + ["repro"], work, env)
+    pipeline that has run start from a copy of it (copy_repo) rather than reproduce it again.
+    Under pytest-xdist the workers share one: the first to need it builds it, the others wait."""
+    shared = shared_dir(tmp_path_factory)
+    if shared is None:
+        work, env, dvc = dvc_repo(tmp_path_factory.mktemp("reproduced") / "repo", tiny_model_dir)
+        return work, sh(dvc + ["repro"], work, env)
+    from filelock import FileLock
+
+    log = shared / "reproduced.log"
+    with FileLock(str(shared / "reproduced.lock")):
+        work = shared / "reproduced" / "repo"
+        if not log.is_file():
+            shutil.rmtree(work.parent, ignore_errors=True)  # what a worker that failed building left
+            work, env, dvc = dvc_repo(work, tiny_model_dir)
+            log.write_text(sh(dvc + ["repro"], work, env))
+    return work, log.read_text()
 
 
 def copy_repo(reproduced, dest: Path) -> tuple[Path, dict, list[str]]:
     """A copy of the `reproduced` repository (git, DVC cache and outputs), with an empty MLflow
     store: the copied store's experiment would keep logging into the original's artifact folder.
     Returns (directory, environment for subprocesses, the dvc command), as dvc_repo does."""
-    import shutil
 
     from stages.project import project_env
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import dvc_repo, set_params, sh
+from conftest import copy_repo, dvc_repo, set_params, sh
 
 # what must be bit-identical between two runs with the same params and code
 ARTIFACTS = ["artifacts/calibration.safetensors", "artifacts/stats", "artifacts/linears.json",
@@ -49,7 +49,7 @@ def kill_when(work: Path, env, dvc, pattern: str) -> None:
         proc.wait()
 
 
-def test_sigkill_mid_write_then_repro_recovers_bit_identical(tmp_path, tiny_model_dir):
+def test_sigkill_mid_write_then_repro_recovers_bit_identical(tmp_path, tiny_model_dir, reproduced):
     # B: killed while the statistics are half written (first run: nothing to fall back to)
     work, env, dvc = dvc_repo(tmp_path / "b", tiny_model_dir)
     kill_when(work, env, dvc, "artifacts/.stats.*.tmp/layer_000.safetensors")
@@ -67,8 +67,9 @@ def test_sigkill_mid_write_then_repro_recovers_bit_identical(tmp_path, tiny_mode
     assert "Running stage 'truncate-and-update'" in out
     assert not list(work.glob("models/.*.tmp"))
 
-    # A: an independent repository that went straight to ratio 0.4, never killed
-    clean, env_a, _ = dvc_repo(tmp_path / "a", tiny_model_dir)
+    # A: an independent repository (a copy of the suite's reproduced one, run at 0.2), never killed,
+    # then set to ratio 0.4
+    clean, env_a, _ = copy_repo(reproduced, tmp_path / "a")
     set_params(clean, compress__ratio=0.4)
     sh(dvc + ["repro", "truncate-and-update"], clean, env_a)
 

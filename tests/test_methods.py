@@ -86,7 +86,7 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
     report = compress_model(updated, ranks, Recipe("whitening", update=True), stats, CPU, windows, 4)
     assert report["recipe"] == {"metric": "whitening", "alpha": 0.5, "update": True, "allocation": "uniform",
                                 "residual_fraction": 0.0, "residual_metric": None, "last_layers": None,
-                                "anchor": None, "refine_steps": 0, "refine_lr": 2e-4, "refine_holdout": 0.125}
+                                "anchor": None, "refine_steps": 0, "refine_lr": 2e-4, "refine_holdout": 0.0}
     # summed over all linears, ||(W - A B) X~||^2 on the compressed prefix's inputs went down
     assert 0 < report["update_error_ratio"] < 1
     lows = [(n, m) for n, m in updated.named_modules() if isinstance(m, LowRankLinear)]

@@ -57,6 +57,10 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
                                      r"\[0, 0.5\]"),
     ("compress.refine.typo", 1, r"compress.refine.typo: unknown key; allowed here: steps, lr, holdout"),
     ("compress.refine", KeyError, r"compress.refine: missing from params.yaml"),
+    ("distributed.nproc_per_node", 0, r"distributed.nproc_per_node: expected an integer >= 1, got 0"),
+    ("distributed.rdzv_endpoint", "node0", r"distributed.rdzv_endpoint: expected host:port of the rendezvous "
+                                           r"\(localhost:0: a free port, one machine\), got 'node0'"),
+    ("distributed", KeyError, r"distributed: missing from params.yaml"),
     ("sensitivity.samples", 0, r"sensitivity.samples: expected an integer >= 1, got 0"),
     ("sensitivity.seed", -1, r"sensitivity.seed: expected an integer >= 0, got -1"),
     ("covariances.offload_activations", 1, r"covariances.offload_activations: expected true or false, got 1"),

@@ -1,5 +1,5 @@
 """`dvc repro` end to end on a tiny model, in a fresh git + DVC repository (conftest.reproduced),
-then in a copy of it: ratio changes, the run-cache, MLflow runs, the method-gated stages."""
+then in copies of it: ratio changes, the run-cache, MLflow runs, the method-gated stages."""
 import json
 import sqlite3
 
@@ -63,7 +63,11 @@ def test_repro_ratio_change_and_run_cache(tmp_path, reproduced):
     assert runs_per_metric["compressed.zeroshot.mean.acc"] == runs_per_metric["dense.zeroshot.tasks.piqa.acc"] == 1
     assert len(list(work.glob("mlartifacts/*/artifacts/samples.json"))) == 1
 
+
+def test_zeroshot_limit_reruns_only_the_evaluations(tmp_path, reproduced):
     # the zero-shot protocol feeds both evaluations, and nothing before them
+    work, env, dvc = copy_repo(reproduced, tmp_path / "repo")
+    metrics_20 = json.loads((work / "metrics/evaluate.json").read_text())
     set_params(work, zeroshot__limit=3)
     fourth = sh(dvc + ["repro"], work, env)
     for stage in (*UPSTREAM, "compute-sensitivity", "allocate-ranks", "truncate-and-update"):
@@ -74,7 +78,10 @@ def test_repro_ratio_change_and_run_cache(tmp_path, reproduced):
     assert all(s["items"] == 3 for s in metrics_limit_3["dense"]["zeroshot"]["tasks"].values())
     assert metrics_limit_3["compressed"]["ppl"] == metrics_20["compressed"]["ppl"]
 
+
+def test_sensitivity_measures_once_and_a_ratio_change_reruns_its_solve(tmp_path, reproduced):
     # the sensitivity allocation measures once; a ratio change reruns its solve and what follows
+    work, env, dvc = copy_repo(reproduced, tmp_path / "repo")
     set_params(work, compress__allocation="sensitivity")
     fifth = sh(dvc + ["repro"], work, env)
     for stage in ("compute-sensitivity", "allocate-ranks", "truncate-and-update", "evaluate"):
@@ -90,9 +97,13 @@ def test_repro_ratio_change_and_run_cache(tmp_path, reproduced):
         assert f"Running stage '{stage}'" in sixth
     assert abs(json.loads((work / "artifacts/ranks.json").read_text())["linear_ratio"] - 0.4) < 0.02
 
+
+def test_anchored_refined_method_reruns_from_the_gated_stages(tmp_path, reproduced):
     # the anchored, refined method streams the windows through truncate-and-update alone (the two
     # method-gated stages rerun on a method change, to write their empty files)
-    set_params(work, compress__method="aa-svd", compress__allocation=None, compress__refine__steps=4)
+    work, env, dvc = copy_repo(reproduced, tmp_path / "repo")
+    set_params(work, compress__method="aa-svd", compress__allocation=None, compress__refine__steps=4,
+               compress__ratio=0.4)
     seventh = sh(dvc + ["repro"], work, env)
     for stage in ("collect-calibration", "compute-covariances", "compute-spectra", "evaluate-dense"):
         assert f"Stage '{stage}' didn't change, skipping" in seventh
