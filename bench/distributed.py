@@ -70,7 +70,8 @@ def main(argv=None):
             command_s = run_stage(scratch, processes)
             stage = json.loads((scratch / "metrics/stages/compute-covariances.json").read_text())
             first = first or scratch
-            rows.append({"processes": processes, "command_s": round(command_s, 1), "stage_wall_s": stage["wall_s"],
+            rows.append({"processes": processes, "ran": stage["processes"], "command_s": round(command_s, 1),
+                         "stage_wall_s": stage["wall_s"],
                          "rank0_peak_rss_mib": stage["peak_rss_mib"],
                          "max_rel_gram_diff": max_relative_difference(first / "artifacts/stats",
                                                                       scratch / "artifacts/stats")})

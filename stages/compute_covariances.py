@@ -1,8 +1,9 @@
 """compute-covariances: one streamed pass of the original model, a Gram per linear input.
 
-Under torchrun with several processes (`distributed.nproc_per_node`, dvc.yaml's command) each
-process streams its share of the windows; every layer's statistics are summed over the processes
-before rank 0 alone writes them (svdcore.distributed)."""
+With more than one process asked for (`distributed.nproc_per_node` x `.nnodes`) the stage starts
+itself again under torchrun (stages.common.under_torchrun); each process streams its share of the
+windows, and every layer's statistics are summed over the processes before rank 0 alone writes
+them (svdcore.distributed)."""
 from concurrent.futures import ThreadPoolExecutor
 
 from svdcore.atomic import atomic_path, write_json
