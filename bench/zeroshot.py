@@ -42,6 +42,7 @@ def main(argv=None):
 
     params = load()
     device = resolve_device(params["device"] if args.device == "auto" else args.device)
+    params = {**params, "device": str(device)}  # what compress_point and load_sweep_model compute on, in its dtype
     tokenizer = load_tokenizer(params["model"]["name"])
     zs = params["zeroshot"]
     previous = previous_rows(args.json)

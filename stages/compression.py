@@ -1,12 +1,15 @@
-"""The tail of the pipeline, one path for every caller: the model compressed in memory to an
-allocation's ranks (truncate-and-update; a sweep point's, with its own allocation, for the sweep's
-compress stage and bench.zeroshot), and the compressed model saved with its card."""
+"""The tail of the pipeline, one path for every caller: the model compressed to an allocation's
+ranks (truncate-and-update; a sweep point's, with its own allocation, for the sweep's compress stage
+and bench.zeroshot, always in memory), and the compressed model saved with its card. With
+`model.load: by-layer` truncate-and-update never holds the whole model: each decoder layer is
+read from the checkpoint, compressed and written to its shard in turn (svdcore.checkpoint)."""
 import time
 
 import torch
 
 from svdcore.atomic import atomic_path, json_text
 from svdcore.card import model_card
+from svdcore.checkpoint import ShardWriter, open_model
 from svdcore.compress import compress_model
 from svdcore.covariances import linear_shapes
 from svdcore.counts import parameter_counts, ratio_achieved
@@ -14,7 +17,7 @@ from svdcore.errors import UserError
 from svdcore.fisher import load_fisher
 from svdcore.lowrank import save_compressed
 from svdcore.methods import Recipe, recipe_from_params
-from svdcore.model import checkpoint_dtype, load_model, resolve_device, resolve_dtype
+from svdcore.model import checkpoint_dtype, decoder_layers, layer_prefix, resolve_device, resolve_dtype
 from svdcore.params import sweep_compress
 from stages.allocation import LINEARS, allocation_for
 from stages.io import load_calibration
@@ -26,14 +29,20 @@ SWEEP_FISHER = "sweep/artifacts/fisher.safetensors"
 SWEEP_SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
 
 
-def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_path: str):
+def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_path: str,
+                       shards: ShardWriter | None = None):
     """(model, report, summary): params.yaml's model compressed in memory to `allocation`'s ranks by
     `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher_path` when the recipe
     reads them). The report is compress_model's; the summary holds the parameter counts before and
     after, the ratio achieved (against the model as loaded: no dense evaluation needed) and the
-    compression's wall time (compress_s)."""
+    compression's wall time (compress_s). With `shards` and `model.load: by-layer`, the model's
+    decoder layers are read, compressed and written to `shards` one at a time: the model returned
+    holds only what lies outside them (save_with_card writes it)."""
     device = resolve_device(params["device"])
-    model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
+    dtype = resolve_dtype(params["model"]["dtype"], device)
+    model, by_layer = open_model(params["model"]["name"], dtype, params["model"]["load"] if shards else "whole", device)
+    if by_layer is not None:
+        by_layer.on_done = shards.layer(layer_prefix(model, decoder_layers(model)))
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError(f"ranks: the allocation was made from {LINEARS}, which lists other linears than this "
                         f"model's", artifact=LINEARS)
@@ -43,28 +52,55 @@ def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_pa
     cov = params["covariances"]
     start = time.perf_counter()
     report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, cov["batch_size"],
-                            route=params["compress"]["route"], offload=cov["offload_activations"], fisher=fisher)
+                            route=params["compress"]["route"], offload=cov["offload_activations"], fisher=fisher,
+                            by_layer=by_layer)
     compress_s = round(time.perf_counter() - start, 2)
     compressed = parameter_counts(model)
     return model, report, {"dense": dense, "compressed": compressed,
                            "ratio_achieved": ratio_achieved(dense, compressed), "compress_s": compress_s}
 
 
+def save_dtype(params: dict) -> torch.dtype:
+    """compress.save_dtype, auto resolved to the source checkpoint's."""
+    dtype = params["compress"]["save_dtype"]
+    return checkpoint_dtype(params["model"]["name"]) if dtype == "auto" else getattr(torch, dtype)
+
+
 def save_with_card(params: dict, recipe: Recipe, allocation: dict, model, tokenizer, directory: str,
                    extra_files: dict | None = None) -> None:
     """The compressed model in compress.save_dtype (auto: the source checkpoint's), with its model
     card and `extra_files` ({name: data} as JSON), written whole or not at all."""
-    compress = params["compress"]
-    save_dtype = compress["save_dtype"]
-    save_dtype = checkpoint_dtype(params["model"]["name"]) if save_dtype == "auto" else getattr(torch, save_dtype)
-    card = model_card(params, recipe.describe(), allocation, str(save_dtype).removeprefix("torch."),
-                      git_sha(repository_root()))
     with atomic_path(directory, is_dir=True) as tmp:
-        save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
-                                                      **recipe.describe()}, dtype=save_dtype)
-        (tmp / "README.md").write_text(card)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_text(json_text(data))
+        write_model(tmp, params, recipe, allocation, model, tokenizer, None, extra_files)
+
+
+def write_model(tmp, params: dict, recipe: Recipe, allocation: dict, model, tokenizer, shards: ShardWriter | None,
+                extra_files: dict | None = None) -> None:
+    """save_with_card's files, in the folder `tmp` (which `shards` writes the layers into, if given)."""
+    compress = params["compress"]
+    dtype = save_dtype(params)
+    card = model_card(params, recipe.describe(), allocation, str(dtype).removeprefix("torch."),
+                      git_sha(repository_root()))
+    save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
+                                                  **recipe.describe()}, dtype=dtype, shards=shards)
+    (tmp / "README.md").write_text(card)
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_text(json_text(data))
+
+
+def compress_and_save(params: dict, recipe: Recipe, allocation: dict, fisher_path: str, tokenizer, directory: str):
+    """(report, summary): compress_in_memory, then save_with_card into `directory`; with `model.load:
+    by-layer`, each layer written as it is compressed (the folder appears whole or not at all
+    either way)."""
+    if params["model"]["load"] == "whole":
+        model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path)
+        save_with_card(params, recipe, allocation, model, tokenizer, directory)
+        return report, summary
+    with atomic_path(directory, is_dir=True) as tmp:
+        shards = ShardWriter(tmp, save_dtype(params))
+        model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path, shards)
+        write_model(tmp, params, recipe, allocation, model, tokenizer, shards)
+    return report, summary
 
 
 def compress_point(params: dict, method: str, ratio: float):

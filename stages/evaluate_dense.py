@@ -1,10 +1,13 @@
 """evaluate-dense: the uncompressed baseline, computed once per model and evaluation setting:
-perplexity, zero-shot accuracy, and the generation samples the compressed model is shown beside."""
+perplexity, zero-shot accuracy, and the generation samples the compressed model is shown beside.
+With model.load by-layer and a streamed perplexity alone to measure, the model is read a layer at a
+time (svdcore.evaluation.streams_by_layer)."""
 from pathlib import Path
 
 from svdcore.atomic import write_json
-from svdcore.evaluation import directory_bytes, measure
-from svdcore.model import load_model, load_tokenizer, resolve, resolve_device, resolve_dtype, weight_bytes
+from svdcore.checkpoint import open_model
+from svdcore.evaluation import directory_bytes, measure, streams_by_layer
+from svdcore.model import load_tokenizer, resolve, resolve_device, resolve_dtype, weight_bytes
 from stages.common import run
 from stages.io import DENSE, DENSE_SAMPLES
 
@@ -12,8 +15,9 @@ from stages.io import DENSE, DENSE_SAMPLES
 def work(params):
     device = resolve_device(params["device"])  # first: a bad device fails before any slow work
     name = params["model"]["name"]
-    model = load_model(name, resolve_dtype(params["model"]["dtype"], device))
-    metrics, runtime = measure(model, load_tokenizer(name), params, device, "dense")
+    dtype = resolve_dtype(params["model"]["dtype"], device)
+    model, by_layer = open_model(name, dtype, "by-layer" if streams_by_layer(params) else "whole", device)
+    metrics, runtime = measure(model, load_tokenizer(name), params, device, "dense", by_layer=by_layer)
     samples = metrics.pop("samples")
     source = resolve(name)
     local = Path(source.path) / (source.gguf_file or "")

@@ -5,7 +5,7 @@ from svdcore.methods import recipe_from_params
 from svdcore.model import load_tokenizer, resolve_device
 from svdcore.ranks import check_ranks
 from stages.common import run
-from stages.compression import compress_in_memory, save_with_card
+from stages.compression import compress_and_save
 from stages.io import MODEL_DIR, REPORT
 
 
@@ -21,8 +21,7 @@ def work(params):
                             f"params.yaml says {wanted!r}; rerun allocate-ranks")
     check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
     tokenizer = load_tokenizer(params["model"]["name"])  # saved beside the model; before the slow work
-    model, report, summary = compress_in_memory(params, recipe, allocation, "artifacts/fisher.safetensors")
-    save_with_card(params, recipe, allocation, model, tokenizer, MODEL_DIR)
+    report, summary = compress_and_save(params, recipe, allocation, "artifacts/fisher.safetensors", tokenizer, MODEL_DIR)
     write_json(REPORT, report)
     return {"compress_s": summary["compress_s"]}
 

@@ -260,14 +260,16 @@ def _truncate_linear(model, name, local, module, rank, recipe, stats, fisher, ca
 @torch.no_grad()
 def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, stats_dir, device: torch.device,
                    windows: torch.Tensor | None = None, batch_size: int = 4, route: str = "auto",
-                   offload: bool = False, fisher: dict | None = None, on_stats=None) -> dict:
+                   offload: bool = False, fisher: dict | None = None, on_stats=None, by_layer=None) -> dict:
     """Replace linears in place, one decoder layer at a time (the module docstring walks through
     the loop). `method` is a preset name or a Recipe; `route` picks the decomposition
     (decompose.ROUTES). The dense model's statistics come from `stats_dir` (compute-covariances'
     output) or, with `stats_dir` None and the calibration `windows` given, from the dense stream
     as it passes. The anchor, the update and the refinement need `windows`; the fisher metric
     needs `fisher` (svdcore.fisher). `on_stats(index, LayerStats)` receives every layer's dense
-    statistics (with no ranks: the statistics pass). Returns a report: the route of every matrix
+    statistics (with no ranks: the statistics pass). `by_layer` (svdcore.checkpoint.ByLayer), for a
+    model whose layers wait on the meta device, reads each layer in as the loop reaches it and
+    hands it on (written, dropped) when the loop is done with it. Returns a report: the route of every matrix
     (decomposition/whitening), how many distinct Grams needed each whitening route, what the
     update gained, each block's refinement, the drift between the streams."""
     recipe = method if isinstance(method, Recipe) else preset(method)
@@ -294,6 +296,7 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
     if not (streams.dense or streams.shifted):  # statistics from disk, no step that needs a forward pass
         with bar:
             for index, layer in enumerate(layers):
+                home = by_layer.move(layer)() if by_layer is not None else None
                 name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
                 chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
                 stats, cache = (disk_stats(index) if chosen else None), {}
@@ -302,13 +305,15 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                                      cache, route, report, index, device)
                     bar.update()
                 report.whitenings(name_of, cache)
+                if by_layer is not None:
+                    by_layer.send_home(layer, home)
         return report.done()
 
     dense, kwargs = capture_layer_inputs(model, windows, batch_size, device, offload)
     shifted = dense if streams.shifted else None  # the same tensors until something upstream is compressed
     dense = dense if streams.dense else None
     homes = [next(layer.parameters()).device for layer in layers]
-    with bar, layer_mover(device) as mover:
+    with bar, (by_layer or layer_mover(device)) as mover:
         arriving = mover.move(layers[0])
         for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer")):
             home = arriving()
@@ -398,8 +403,9 @@ def _gap(shifted: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
 
 
 def collect_grams(model, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer,
-                  offload: bool = False) -> None:
+                  offload: bool = False, by_layer=None) -> None:
     """The statistics pass: stream the model and call `on_layer(index, LayerStats)` for every
-    layer (`offload`: keep the activations in pinned CPU memory between layers). It is the layer
-    loop of svdcore.compress with nothing to compress."""
-    compress_model(model, {}, "svd-llm", None, device, windows, batch_size, offload=offload, on_stats=on_layer)
+    layer (`offload`: keep the activations in pinned CPU memory between layers; `by_layer`: see
+    compress_model). It is the layer loop of svdcore.compress with nothing to compress."""
+    compress_model(model, {}, "svd-llm", None, device, windows, batch_size, offload=offload, on_stats=on_layer,
+                   by_layer=by_layer)

@@ -16,15 +16,17 @@ def directory_bytes(path) -> int:
 
 
 def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int,
-                   batch_size: int, device, label: str, stream_layers: bool = False) -> tuple[dict, dict]:
+                   batch_size: int, device, label: str, stream_layers: bool = False, by_layer=None) -> tuple[dict, dict]:
     """(deterministic metrics, runtime figures) for one model; `stream_layers`: its decoder layers
-    pass through `device` one at a time (svdcore.perplexity), for models bigger than the device."""
+    pass through `device` one at a time (svdcore.perplexity), for models bigger than the device;
+    `by_layer`: read from the checkpoint as they are reached (svdcore.checkpoint)."""
     check_seqlen(model.config, seqlen, "evaluate.seqlen")
     metrics = {**parameter_counts(model), "ppl": {}}
     runtime = {"tokens_per_s": {}}
     for name in datasets:
         windows = eval_windows(tokenize(tokenizer, load_text(name)), seqlen, max_windows)
-        result = perplexity(model, windows, batch_size, device, desc=f"{label} {name}", stream_layers=stream_layers)
+        result = perplexity(model, windows, batch_size, device, desc=f"{label} {name}", stream_layers=stream_layers,
+                            by_layer=by_layer)
         metrics["ppl"][name] = result["ppl"]
         metrics.setdefault("windows", {})[name] = result["windows"]
         runtime["tokens_per_s"][name] = round(result["tokens_per_s"], 1)
@@ -34,16 +36,24 @@ def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windo
 MEASURES = ("perplexity", "zeroshot", "samples")
 
 
-def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES) -> tuple[dict, dict]:
+def streams_by_layer(params: dict) -> bool:
+    """Whether an evaluation can read the model a layer at a time (model.load by-layer): only its
+    streamed perplexity can; zero-shot scoring and generation need the whole model."""
+    return (params["model"]["load"] == "by-layer" and params["evaluate"]["stream_layers"]
+            and not params["zeroshot"]["tasks"] and not params["generate"]["prompts"])
+
+
+def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES, by_layer=None) -> tuple[dict, dict]:
     """(deterministic metrics, runtime figures) of one model, as params.yaml asks: the perplexity of
     `evaluate` (with the parameter counts), the zero-shot scores of `zeroshot`, the greedy
-    continuations of `generate` (metrics["samples"]), whichever of them `what` names."""
+    continuations of `generate` (metrics["samples"]), whichever of them `what` names. `by_layer`:
+    the model's layers are read from its checkpoint as the streamed perplexity reaches them."""
     unknown = set(what) - set(MEASURES)
     if unknown:
         raise ValueError(f"measure: unknown {sorted(unknown)}; expected some of {MEASURES}")
     ev = params["evaluate"]
     metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                      ev["batch_size"], device, label, ev["stream_layers"]) \
+                                      ev["batch_size"], device, label, ev["stream_layers"], by_layer) \
         if "perplexity" in what else (parameter_counts(model), {})  # evaluate_model counts them too
     if "zeroshot" in what:
         zs = params["zeroshot"]

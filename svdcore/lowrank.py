@@ -28,12 +28,15 @@ def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None = None, dtype=None) -> None:
+def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None = None, dtype=None,
+                    shards=None) -> None:
     """save_pretrained (safetensors) + the ranks in config.json + the modeling file in auto_map.
     `dtype`: what the weights are stored in (the model is cast to it in place); None keeps the
-    model's own. from_pretrained(dtype=...) computes in any dtype whatever the stored one."""
+    model's own. from_pretrained(dtype=...) computes in any dtype whatever the stored one.
+    `shards` (svdcore.checkpoint.ShardWriter): the decoder layers were written to it as they were
+    compressed (model.load by-layer); it writes the rest, and this function the files around them."""
     directory = Path(directory)
-    if dtype is not None:
+    if dtype is not None and shards is None:
         model.to(dtype)
     base = type(model).__name__
     config = model.config
@@ -41,7 +44,16 @@ def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None =
                       "ranks": dict(sorted(low_rank_ranks(model).items())), **(extra or {})}
     config.auto_map = {"AutoModelForCausalLM": "modeling_svdcore.SVDCoreForCausalLM"}
     try:
-        model.save_pretrained(directory, safe_serialization=True)
+        if shards is None:
+            model.save_pretrained(directory, safe_serialization=True)
+        else:  # what save_pretrained writes besides the weights
+            shards.finish(model)
+            config.architectures = [base]
+            if dtype is not None:
+                config.dtype = dtype
+            config.save_pretrained(directory)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(directory)
     finally:  # the in-memory model keeps its own class; only the saved config points elsewhere
         del config.auto_map, config.svdcore
     if tokenizer is not None:
@@ -51,8 +63,8 @@ def save_compressed(model: nn.Module, tokenizer, directory, extra: dict | None =
     (directory / "modeling_svdcore.py").write_text(source)
 
 
-def load_compressed(directory, dtype=None):
-    """Load a compressed model without trust_remote_code (the classes come from svdcore)."""
+def compressed_class(directory):
+    """(config, model class) of a compressed model saved by save_compressed, checked."""
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -66,8 +78,12 @@ def load_compressed(directory, dtype=None):
         raise UserError(f"compressed model: {directory} was saved with factors {svd.get('factors')!r}, not 'linear' "
                         f"(before, svdcore saved bare parameters A and B); load it with transformers and "
                         f"trust_remote_code=True, or redo it", artifact=directory)
-    config = AutoConfig.from_pretrained(directory)
-    cls = modeling_svdcore.low_rank_class(svd["base_architecture"])
+    return AutoConfig.from_pretrained(directory), modeling_svdcore.low_rank_class(svd["base_architecture"])
+
+
+def load_compressed(directory, dtype=None):
+    """Load a compressed model without trust_remote_code (the classes come from svdcore)."""
+    config, cls = compressed_class(directory)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         model = cls.from_pretrained(directory, config=config, **kwargs)

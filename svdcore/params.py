@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .choices import (ALLOCATIONS, DTYPES, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
+from .choices import (ALLOCATIONS, DTYPES, LOADS, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
                       ZEROSHOT_TASKS)
 from .errors import UserError
 
@@ -49,6 +49,7 @@ class Section(BaseModel):
 class Model(Section):
     name: Text
     dtype: _choice(DTYPES)
+    load: _choice(LOADS)
 
 
 class Calibration(Section):

@@ -30,16 +30,19 @@ class _Precomputed(nn.Module):
 
 
 @torch.no_grad()
-def streamed_logits(model, windows: torch.Tensor, batch_size: int, device: torch.device, offload: bool = False):
+def streamed_logits(model, windows: torch.Tensor, batch_size: int, device: torch.device, offload: bool = False,
+                    by_layer=None):
     """The logits of every batch of `windows`, with the decoder layers moved through `device` one
     at a time (every batch through layer i, then layer i + 1: svdcore.streaming), the way the
     compression loop runs: device memory holds one layer, the activations of all the windows (or,
-    with `offload`, of one batch) and the tensors outside the layers. Yields (batch, logits)."""
+    with `offload`, of one batch) and the tensors outside the layers. `by_layer`
+    (svdcore.checkpoint.ByLayer): the layers are read from the checkpoint as they are reached, and
+    dropped after. Yields (batch, logits)."""
     layers = decoder_layers(model)
     home = next(layers[0].parameters()).device
     hidden, kwargs = capture_layer_inputs(model, windows, batch_size, device, offload)
     as_tuple = False
-    with layer_mover(device) as mover:
+    with by_layer or layer_mover(device) as mover:
         arriving = mover.move(layers[0])
         for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer")):
             placed = arriving()
@@ -64,13 +67,13 @@ def streamed_logits(model, windows: torch.Tensor, batch_size: int, device: torch
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device, desc: str = "perplexity",
-               stream_layers: bool = False) -> dict:
+               stream_layers: bool = False, by_layer=None) -> dict:
     """exp(mean token NLL) over all windows; stops on non-finite logits naming the window. With
     `stream_layers` the decoder layers stay where they are and pass through `device` one at a time
     (streamed_logits; the embeddings, final norm and head move to it): the same number, for models
-    bigger than the device."""
+    bigger than the device; `by_layer`: see streamed_logits."""
     if stream_layers:  # closed below whatever happens, which puts the real layers back
-        logits_of = streamed_logits(model, windows, batch_size, device)
+        logits_of = streamed_logits(model, windows, batch_size, device, by_layer=by_layer)
     else:
         model.to(device)
         logits_of = ((batch, model(batch.to(device), use_cache=False).logits) for batch in windows.split(batch_size))

@@ -27,17 +27,21 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh((sym + sym.T) / 2).flip(0).clamp_min(0)
 
 
-def whitened_spectra(model, stats_dir, device: torch.device) -> dict[str, torch.Tensor]:
-    """Linear name -> its whitened spectrum (float64, CPU), one layer's statistics at a time."""
+def whitened_spectra(model, stats_dir, device: torch.device, by_layer=None) -> dict[str, torch.Tensor]:
+    """Linear name -> its whitened spectrum (float64, CPU), one layer's statistics at a time
+    (`by_layer`, svdcore.checkpoint.ByLayer: and one layer's weights, read as they are reached)."""
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     spectra = {}
     for index, layer in enumerate(tqdm(layers, desc="spectra", unit="layer")):
         stats = load_layer(stats_dir, index)
         grams = {g: (v / stats.tokens).to(device) for g, v in stats.grams.items()}
+        home = by_layer.move(layer)() if by_layer is not None else None
         for local, module in layer_linears(layer).items():
             weight = weight_matrix(module).detach().to(device)
             spectra[f"{prefix}.{index}.{local}"] = whitened_spectrum(weight, grams[stats.shares[local]]).cpu()
+        if by_layer is not None:
+            by_layer.send_home(layer, home)
     return spectra
 
 

@@ -1,4 +1,6 @@
 """The bench scripts run end to end on tiny shapes (their figures are printed, never asserted)."""
+import json
+
 import torch
 
 from bench import compress, infer, kernels, ratio_change
@@ -57,3 +59,15 @@ def test_kernels_bench_times_eigh_and_grams_and_prices_float32_eigh(tmp_path):
     assert {"eigh 64 float64", "eigh 64 float32", "gram 172 + add into float64"} <= set(result["kernels_ms"])
     assert result["float32_eigh_loss_excess"] >= -1e-9  # float64 eigh is the optimum; float32 can only lose
     assert "overlap" not in result  # a GPU-only experiment
+
+
+def test_load_by_layer_bench_measures_all_four_steps_and_compares_them(tmp_path):
+    from bench.load_by_layer import STEPS, main
+
+    main(["--size", "tiny", "--dir", str(tmp_path / "model"), "--work", str(tmp_path / "work"),
+          "--windows", "4", "--seqlen", "16", "--json", str(tmp_path / "out.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [r["step"] for r in result["rows"]] == list(STEPS)
+    assert all(r["peak_rss_gib"] > 0 and r["wall_s"] > 0 for r in result["rows"])
+    assert result["equal"] == {"stats": True, "compressed": True}
+    assert not (tmp_path / "work").exists()

@@ -70,6 +70,7 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
     ("device", "tpu", r"device: expected auto, cpu, cuda or cuda:N"),
     ("evaluate.datasets", [], r"evaluate.datasets: expected a non-empty list"),
     ("model.dtype", "float8", r"model.dtype: expected one of auto, float32, bfloat16, float16"),
+    ("model.load", "lazy", r"model.load: expected one of whole, by-layer, got 'lazy'"),
     ("zeroshot.tasks", ["piqa", "boolq"], r"zeroshot.tasks: unknown task 'boolq'; expected some of piqa, arc_easy, "
                                           r"arc_challenge, hellaswag, winogrande, openbookqa, mathqa"),
     ("zeroshot.tasks", "piqa", r"zeroshot.tasks: expected a list of task names \(piqa, .*\), or \[\] for none, "

