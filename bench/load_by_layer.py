@@ -52,7 +52,7 @@ def step(name: str, directory: Path, work: Path, windows: int, seqlen: int, voca
     from svdcore.compress import collect_grams, compress_model
     from svdcore.covariances import linear_shapes, save_layer
     from svdcore.lowrank import save_compressed
-    from svdcore.model import decoder_layers, layer_prefix, load_model
+    from svdcore.model import load_model
     from svdcore.ranks import uniform_ranks
 
     start = time.perf_counter()
@@ -72,7 +72,7 @@ def step(name: str, directory: Path, work: Path, windows: int, seqlen: int, voca
         shards = None
         if load != "whole":
             shards = ShardWriter(out, torch.bfloat16)
-            by_layer = ByLayer(model, checkpoint, CPU, F32, shards.layer(layer_prefix(model, decoder_layers(model))))
+            by_layer = ByLayer(model, checkpoint, CPU, F32, shards.write_layer)
         compress_model(model, ranks, "svd-llm", work / "stats-whole", CPU, by_layer=by_layer)
         save_compressed(model, None, out, dtype=torch.bfloat16, shards=shards)
     return {"step": name, "wall_s": round(time.perf_counter() - start, 1),

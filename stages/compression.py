@@ -17,7 +17,7 @@ from svdcore.errors import UserError
 from svdcore.fisher import load_fisher
 from svdcore.lowrank import save_compressed
 from svdcore.methods import Recipe, recipe_from_params
-from svdcore.model import checkpoint_dtype, decoder_layers, layer_prefix, resolve_device, resolve_dtype
+from svdcore.model import checkpoint_dtype, resolve_device, resolve_dtype
 from svdcore.params import sweep_compress
 from stages.allocation import LINEARS, allocation_for
 from stages.io import load_calibration
@@ -35,14 +35,14 @@ def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_pa
     `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher_path` when the recipe
     reads them). The report is compress_model's; the summary holds the parameter counts before and
     after, the ratio achieved (against the model as loaded: no dense evaluation needed) and the
-    compression's wall time (compress_s). With `shards` and `model.load: by-layer`, the model's
-    decoder layers are read, compressed and written to `shards` one at a time: the model returned
-    holds only what lies outside them (save_with_card writes it)."""
+    compression's wall time (compress_s). With `shards` (model.load by-layer), the model's decoder
+    layers are read, compressed and written to `shards` one at a time: the model returned holds only
+    what lies outside them (write_model writes it)."""
     device = resolve_device(params["device"])
     dtype = resolve_dtype(params["model"]["dtype"], device)
-    model, by_layer = open_model(params["model"]["name"], dtype, params["model"]["load"] if shards else "whole", device)
+    model, by_layer = open_model(params["model"]["name"], dtype, "whole" if shards is None else "by-layer", device)
     if by_layer is not None:
-        by_layer.on_done = shards.layer(layer_prefix(model, decoder_layers(model)))
+        by_layer.on_done = shards.write_layer
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError(f"ranks: the allocation was made from {LINEARS}, which lists other linears than this "
                         f"model's", artifact=LINEARS)
@@ -76,9 +76,9 @@ def save_with_card(params: dict, recipe: Recipe, allocation: dict, model, tokeni
 
 def write_model(tmp, params: dict, recipe: Recipe, allocation: dict, model, tokenizer, shards: ShardWriter | None,
                 extra_files: dict | None = None) -> None:
-    """save_with_card's files, in the folder `tmp` (which `shards` writes the layers into, if given)."""
+    """save_with_card's files, in the folder `tmp` (which `shards` wrote the layers into, if given)."""
     compress = params["compress"]
-    dtype = save_dtype(params)
+    dtype = save_dtype(params) if shards is None else shards.dtype
     card = model_card(params, recipe.describe(), allocation, str(dtype).removeprefix("torch."),
                       git_sha(repository_root()))
     save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],

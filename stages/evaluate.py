@@ -2,12 +2,11 @@
 With model.load by-layer and a streamed perplexity alone to measure, the model is read a layer at a
 time (svdcore.evaluation.streams_by_layer)."""
 from svdcore.atomic import read_json, write_json
-from svdcore.checkpoint import ByLayer, load_compressed_by_layer
+from svdcore.checkpoint import open_compressed
 from svdcore.errors import UserError
 from svdcore.counts import linear_parameters, ratio_achieved
 from svdcore.evaluation import directory_bytes, measure, streams_by_layer
 from svdcore.generation import check_same_prompts, side_by_side
-from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
 from svdcore.zeroshot import check_same_protocol
 from stages.common import STAGE_METRICS, peak_memory, run, wall_s
@@ -29,13 +28,8 @@ def work(params):
     check_same_prompts(dense_samples, gen["prompts"], gen["max_new_tokens"], DENSE_SAMPLES)
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
-    dtype = resolve_dtype(params["model"]["dtype"], device)
-    by_layer = None
-    if streams_by_layer(params):  # read a layer at a time, as evaluate-dense reads the dense model
-        model, checkpoint = load_compressed_by_layer(MODEL_DIR, dtype)
-        by_layer = ByLayer(model, checkpoint, device, dtype)
-    else:
-        model = load_compressed(MODEL_DIR, dtype=dtype)
+    model, by_layer = open_compressed(MODEL_DIR, resolve_dtype(params["model"]["dtype"], device),
+                                      "by-layer" if streams_by_layer(params) else "whole", device)
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)

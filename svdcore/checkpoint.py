@@ -1,4 +1,4 @@
-"""Compress a model that does not fit in memory (`model.load: by-layer`, DESIGN.md section 8).
+"""Compress a model that does not fit in memory (`model.load: by-layer`; the design notes, section 8).
 
 The model is built on the meta device: parameters without storage, buffers (rotary tables, masks)
 real. The tensors outside the decoder layers (embeddings, final norm, head) are read from the
@@ -51,14 +51,14 @@ class Checkpoint:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.directory / file for name, file in weight_map.items()}
-        elif single.is_file():
+        if single.is_file():  # preferred, as from_pretrained prefers it
             from safetensors import safe_open
 
             with safe_open(str(single), framework="pt") as f:
                 self.files = dict.fromkeys(f.keys(), single)
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / file for name, file in weight_map.items()}
         else:
             raise UserError(f"model.load: by-layer reads safetensors, and {self.directory} has neither "
                             f"model.safetensors nor model.safetensors.index.json (use model.load whole)")
@@ -74,32 +74,41 @@ class Checkpoint:
         """One tensor, in memory of its own. On a CPU safetensors hands out a view of the file's
         memory map; the pages it touches stay resident, counted in the process's memory, for as long
         as the map is open, so the map is closed after every read and the tensor copied out of it."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self.files[name]), framework="pt", device=str(device)) as f:
-            tensor = f.get_tensor(name)
+        try:
+            with safe_open(str(self.files[name]), framework="pt", device=str(device)) as f:
+                tensor = f.get_tensor(name)
+        except (OSError, SafetensorError) as e:  # a missing or damaged shard
+            raise UserError(f"model: cannot read {name} from {self.files[name]}: {str(e).splitlines()[0]}",
+                            artifact=self.directory) from None
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             return tensor.to(dtype)
         return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
 def fill(root: nn.Module, root_name: str, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-         skip: set[int] = frozenset()) -> None:
+         skip: nn.Module | None = None) -> list[tuple[nn.Module, str]]:
     """Give every meta parameter of `root` (named `root_name` inside the model, "" for the model)
     its tensor from the checkpoint, on `device` in `dtype`, checked for shape and finiteness; a
-    parameter tied under several names is read once and stays tied. Parameters whose id is in
-    `skip` are left alone, and so are persistent buffers the checkpoint does not hold."""
-    slots = {}  # id -> (parameter, [(module, attribute, full name)])
+    parameter tied under several names is read once and stays tied. Persistent buffers the
+    checkpoint holds are read too (the others keep what the model computed). Modules inside `skip`
+    are left alone. Returns the (module, name) of every buffer read."""
+    skipped = set() if skip is None else {id(m) for m in skip.modules()}
+    slots, buffers = {}, []  # slots: id -> (parameter, [(module, attribute, full name)])
     for module_name, module in root.named_modules(remove_duplicate=False):
+        if id(module) in skipped:
+            continue
         full = f"{root_name}.{module_name}" if root_name and module_name else root_name or module_name
         for attr, p in module._parameters.items():
-            if p is not None and id(p) not in skip and p.device.type == "meta":
+            if p is not None and p.device.type == "meta":
                 slots.setdefault(id(p), (p, []))[1].append((module, attr, f"{full}.{attr}" if full else attr))
         for attr, b in module._buffers.items():
             found = b is not None and attr not in module._non_persistent_buffers_set and \
                 checkpoint.find(f"{full}.{attr}" if full else attr)
             if found:
                 module._buffers[attr] = checkpoint.read(found, device, b.dtype if b.is_floating_point() else None)
+                buffers.append((module, attr))
     for p, places in slots.values():
         found = next(filter(None, (checkpoint.find(name) for _, _, name in places)), None)
         name = places[0][2]
@@ -115,14 +124,20 @@ def fill(root: nn.Module, root_name: str, checkpoint: Checkpoint, device: torch.
         loaded = nn.Parameter(tensor, requires_grad=p.requires_grad)
         for module, attr, _ in places:
             module._parameters[attr] = loaded
+    return buffers
 
 
-def release(layer: nn.Module) -> None:
-    """Drop the storage of every parameter of `layer` (back to meta, shapes kept)."""
+def release(layer: nn.Module, buffers: list[tuple[nn.Module, str]] = ()) -> None:
+    """Drop the storage of every parameter of `layer`, and of the `buffers` fill read, back to meta
+    (shapes kept; a parameter tied under several names stays one)."""
+    metas = {}
     for module in layer.modules():
         for attr, p in module._parameters.items():
             if p is not None and p.device.type != "meta":
-                module._parameters[attr] = nn.Parameter(p.detach().to(META), requires_grad=p.requires_grad)
+                module._parameters[attr] = metas.setdefault(
+                    id(p), nn.Parameter(p.detach().to(META), requires_grad=p.requires_grad))
+    for module, attr in buffers:
+        module._buffers[attr] = module._buffers[attr].to(META)
 
 
 def checkpoint_directory(name: str, dtype: torch.dtype) -> Path:
@@ -143,8 +158,12 @@ def checkpoint_directory(name: str, dtype: torch.dtype) -> Path:
         return Path(source.path)
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors"]))
+    try:  # the json files first; then the shards the index lists (a repository may hold other copies)
+        directory = Path(snapshot_download(source.path, allow_patterns=["*.json"]))
+        index = directory / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        return Path(snapshot_download(source.path, allow_patterns=["*.json", *files]))
     except Exception as e:  # not on the hub, no network, no cache
         raise UserError(f"model.name: could not find the checkpoint of {source.path}: {str(e).splitlines()[0]}") \
             from None
@@ -159,6 +178,16 @@ def open_model(name: str, dtype: torch.dtype, load: str, device: torch.device):
     return model, ByLayer(model, checkpoint, device, dtype)
 
 
+def open_compressed(directory, dtype: torch.dtype, load: str, device: torch.device):
+    """open_model for a model saved by svdcore (models/compressed)."""
+    from .lowrank import load_compressed
+
+    if load == "whole":
+        return load_compressed(directory, dtype=dtype), None
+    model, checkpoint = load_compressed_by_layer(directory, dtype)
+    return model, ByLayer(model, checkpoint, device, dtype)
+
+
 def load_by_layer(name: str, dtype: torch.dtype):
     """(model, checkpoint): the model in eval mode with its decoder layers on the meta device and
     everything else read in (on the CPU, in `dtype`); ByLayer streams the layers in."""
@@ -168,8 +197,7 @@ def load_by_layer(name: str, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(directory)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    checkpoint = Checkpoint(directory, model.base_model_prefix)
-    return _fill_outside(model, checkpoint, dtype), checkpoint
+    return _fill_outside(model, directory, dtype)
 
 
 def load_compressed_by_layer(directory, dtype: torch.dtype):
@@ -180,26 +208,49 @@ def load_compressed_by_layer(directory, dtype: torch.dtype):
     config, cls = compressed_class(directory)
     with parameters_on_meta():
         model = cls._from_config(config, dtype=dtype)
-    checkpoint = Checkpoint(directory, model.base_model_prefix)
-    return _fill_outside(model, checkpoint, dtype), checkpoint
+    return _fill_outside(model, Path(directory), dtype)
 
 
-def _fill_outside(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
+def _fill_outside(model: nn.Module, directory: Path, dtype: torch.dtype):
+    """(model, checkpoint): what lies outside the decoder layers read in, on the CPU, and the
+    generation settings the checkpoint holds (from_pretrained reads them too)."""
+    from transformers import GenerationConfig
+
+    _check_plain_keys(model)
     model.eval()
     model.config.use_cache = False
-    inside = {id(p) for p in decoder_layers(model).parameters()}
-    fill(model, "", checkpoint, torch.device("cpu"), dtype, skip=inside)
-    return model
+    checkpoint = Checkpoint(directory, model.base_model_prefix)
+    fill(model, "", checkpoint, torch.device("cpu"), dtype, skip=decoder_layers(model))
+    if model.can_generate() and (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model, checkpoint
+
+
+def _check_plain_keys(model: nn.Module) -> None:
+    """by-layer reads and writes tensors under the model's own names; a family whose checkpoints
+    transformers renames or converts on loading (fused experts of MoE models, ...) cannot be."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    except ImportError:  # a transformers without conversions
+        conversions = []
+    if conversions or getattr(model, "_keys_to_ignore_on_save", None):
+        raise UserError(f"model.load: by-layer reads a checkpoint under the model's own tensor names, and "
+                        f"transformers converts the checkpoints of {type(model).__name__} on loading; use "
+                        f"model.load whole")
 
 
 class ByLayer(Serial):
     """The layer loop's mover for a model loaded by layer: `move` reads the layer's tensors from
-    the checkpoint onto the device, `send_home` hands the finished layer to `on_done(index,
-    layer)` (the shard writer) and drops it. Moves are not overlapped with compute on a GPU, where
-    reading the checkpoint is the cost anyway."""
+    the checkpoint onto the device when the loop reaches it; `send_home` hands the finished layer
+    to `on_done(name, layer)` (ShardWriter.write_layer), then drops it. Moves are not overlapped with
+    compute on a GPU, where reading the checkpoint is the cost anyway."""
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
                  on_done=None):
+        if device.type == "cuda" and device.index is None:  # tensors land on cuda:N, which is not "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(device)
         self.layers = decoder_layers(model)
         self.prefix = layer_prefix(model, self.layers)
@@ -210,18 +261,19 @@ class ByLayer(Serial):
         asks for it ahead: one layer in memory at a time."""
         def read():
             with section("layer reads"):
-                fill(layer, f"{self.prefix}.{self._index(layer)}", self.checkpoint, self.device, self.dtype)
-                return _to_device(layer, self.device)  # its buffers
+                buffers = fill(layer, f"{self.prefix}.{self._index(layer)}", self.checkpoint, self.device, self.dtype)
+                return buffers, _to_device(layer, self.device)  # the buffers the model computed
         return read
 
-    def send_home(self, layer: nn.Module, home: dict, home_device=None) -> None:
+    def send_home(self, layer: nn.Module, home, home_device=None) -> None:
         if self.on_done is not None:
             with section("layer writes"):
-                self.on_done(self._index(layer), layer)
-        release(layer)
-        for (module, attr), (original, _) in home.items():
-            if attr in module._buffers:
-                module._buffers[attr] = original
+                self.on_done(f"{self.prefix}.{self._index(layer)}", layer)
+        buffers, moved = home
+        release(layer, buffers)
+        for (module, attr), (original, _) in moved.items():
+            module._buffers[attr] = original
+        moved.clear()
 
     def _index(self, layer: nn.Module) -> int:
         return next(i for i, candidate in enumerate(self.layers) if candidate is layer)
@@ -237,9 +289,9 @@ class ShardWriter:
         self.directory, self.dtype = Path(directory), dtype
         self.weight_map, self.size, self.files = {}, 0, []
 
-    def layer(self, prefix: str):
-        """on_done for ByLayer: writes layer `index` under `prefix.index.`."""
-        return lambda index, layer: self.write(layer.state_dict(prefix=f"{prefix}.{index}."))
+    def write_layer(self, name: str, layer: nn.Module) -> None:
+        """ByLayer's on_done: the decoder layer `name` (model.layers.3) in a shard of its own."""
+        self.write(layer.state_dict(prefix=f"{name}."))
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

@@ -72,6 +72,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.devi
     `stream_layers` the decoder layers stay where they are and pass through `device` one at a time
     (streamed_logits; the embeddings, final norm and head move to it): the same number, for models
     bigger than the device; `by_layer`: see streamed_logits."""
+    if by_layer is not None and not stream_layers:
+        raise ValueError("perplexity: a model read by layer has its layers on the meta device; stream them")
     if stream_layers:  # closed below whatever happens, which puts the real layers back
         logits_of = streamed_logits(model, windows, batch_size, device, by_layer=by_layer)
     else:

@@ -17,7 +17,7 @@ from svdcore.covariances import linear_shapes, load_layer, save_layer
 from svdcore.errors import UserError
 from svdcore.lowrank import load_compressed, save_compressed
 from svdcore.methods import recipe
-from svdcore.model import decoder_layers, layer_prefix, load_model
+from svdcore.model import decoder_layers, load_model
 from svdcore.ranks import uniform_ranks
 
 CPU = torch.device("cpu")
@@ -25,8 +25,11 @@ F32 = torch.float32
 
 
 def sharded(arch, path, vocab=320):
-    """A tiny model of `arch` saved in several safetensors shards (an index, as big checkpoints are)."""
-    tiny_causal_lm(arch, vocab).save_pretrained(path, max_shard_size="100KB")
+    """A tiny model of `arch` saved in several safetensors shards (an index, as big checkpoints are),
+    with generation settings of its own (which the compressed model must keep)."""
+    model = tiny_causal_lm(arch, vocab)
+    model.generation_config.max_length, model.generation_config.eos_token_id = 77, [0, 1]
+    model.save_pretrained(path, max_shard_size="100KB")
     assert (path / "model.safetensors.index.json").is_file()
     return path
 
@@ -41,20 +44,34 @@ def materialized_layers(model) -> int:
 
 def compress_by_layer(source, ranks, rec, stats, out, **kwargs):
     model, checkpoint = load_by_layer(str(source), F32)
-    layers = decoder_layers(model)
     out.mkdir()
     writer = ShardWriter(out, torch.bfloat16)
     report = compress_model(model, ranks, rec, stats, CPU, windows(), 4, **kwargs,
-                            by_layer=ByLayer(model, checkpoint, CPU, F32, writer.layer(layer_prefix(model, layers))))
+                            by_layer=ByLayer(model, checkpoint, CPU, F32, writer.write_layer))
     save_compressed(model, None, out, dtype=torch.bfloat16, shards=writer)
     return model, report
 
 
+def saved_names(directory) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for file in directory.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            names |= set(f.keys())
+    return names
+
+
 def same_saved_model(whole_dir, layer_dir):
+    """The same tensors under the same names in the files (none extra), the same config and
+    generation settings."""
+    assert saved_names(whole_dir) == saved_names(layer_dir)
     whole, by_layer = load_compressed(whole_dir).state_dict(), load_compressed(layer_dir).state_dict()
     assert whole.keys() == by_layer.keys()
     assert [name for name in whole if not torch.equal(whole[name], by_layer[name])] == []
-    assert json.loads((whole_dir / "config.json").read_text()) == json.loads((layer_dir / "config.json").read_text())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((whole_dir / name).read_text()) == json.loads((layer_dir / name).read_text()), name
+    assert json.loads((layer_dir / "generation_config.json").read_text())["max_length"] == 77
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -107,17 +124,24 @@ def test_by_layer_holds_one_layer_at_a_time_and_gives_the_same_refined_model(tmp
 
     def watched(root, root_name, *args, **kwargs):
         if root_name:  # a decoder layer
-            seen.append((root_name, materialized_layers(model)))
+            seen.append(("read", root_name, materialized_layers(model)))
         return fill(root, root_name, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "fill", watched)
     model, checkpoint = load_by_layer(str(source), F32)
     (tmp_path / "layer-model").mkdir()
     writer = ShardWriter(tmp_path / "layer-model", torch.bfloat16)
+
+    def write(name, layer):
+        seen.append(("write", name, materialized_layers(model)))
+        writer.write_layer(name, layer)
+
     report = compress_model(model, ranks, rec, stats, CPU, windows(), 4,
-                            by_layer=ByLayer(model, checkpoint, CPU, F32, writer.layer("model.layers")))
+                            by_layer=ByLayer(model, checkpoint, CPU, F32, write))
     save_compressed(model, None, tmp_path / "layer-model", dtype=torch.bfloat16, shards=writer)
-    assert seen == [("model.layers.0", 0), ("model.layers.1", 0)]
+    assert seen == [("read", "model.layers.0", 0), ("write", "model.layers.0", 1),
+                    ("read", "model.layers.1", 0), ("write", "model.layers.1", 1)]
+    assert materialized_layers(model) == 0
     assert report["refine"] and len(report["stream_gap"]) == 2
     same_saved_model(tmp_path / "whole-model", tmp_path / "layer-model")
     index = json.loads((tmp_path / "layer-model/model.safetensors.index.json").read_text())
@@ -168,6 +192,37 @@ def test_the_stages_by_layer_write_what_they_write_whole(tmp_path, monkeypatch):
     for model in ("dense", "compressed"):
         assert metrics[0][model]["ppl"] == metrics[1][model]["ppl"] and metrics[0][model]["ppl"]["wikitext2"] > 1
 
+    # a failure halfway through leaves the model of the last run as it was, and nothing half-written
+    before = {p.name: p.read_bytes() for p in (by_layer / "models/compressed").iterdir()}
+    write = ckpt.ShardWriter.write
+
+    def full_disk(self, tensors):
+        if self.files:
+            raise OSError(28, "No space left on device")
+        write(self, tensors)
+
+    monkeypatch.setattr(ckpt.ShardWriter, "write", full_disk)
+    monkeypatch.chdir(by_layer)
+    with pytest.raises(OSError, match="No space left on device"):
+        run("truncate-and-update", importlib.import_module("stages.truncate_and_update").work)
+    assert {p.name: p.read_bytes() for p in (by_layer / "models/compressed").iterdir()} == before
+    assert not list((by_layer / "models").glob(".compressed.*"))  # no temporary folder left
+
+
+def test_by_layer_reads_in_the_compute_dtype(tmp_path):
+    """A float32 checkpoint read in bfloat16 holds what load_model(bfloat16) holds, layer by layer."""
+    source = sharded("mistral", tmp_path / "source")
+    whole = load_model(str(source), torch.bfloat16).state_dict()
+    model, checkpoint = load_by_layer(str(source), torch.bfloat16)
+    mover = ByLayer(model, checkpoint, CPU, torch.bfloat16)
+    read = {}
+    for layer in decoder_layers(model):
+        home = mover.move(layer)()
+        read.update({name: t.clone() for name, t in model.state_dict().items() if t.device.type != "meta"})
+        mover.send_home(layer, home)
+    assert read.keys() == whole.keys() and all(t.dtype == torch.bfloat16 for t in read.values() if t.is_floating_point())
+    assert [name for name in whole if not torch.equal(whole[name], read[name])] == []
+
 
 def test_by_layer_needs_safetensors_and_every_tensor(tmp_path):
     source = sharded("llama", tmp_path / "source")
@@ -181,3 +236,14 @@ def test_by_layer_needs_safetensors_and_every_tensor(tmp_path):
     (source / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=r"^model: the checkpoint in .* has no tensor model.norm.weight$"):
         load_by_layer(str(source), F32)
+
+
+def test_by_layer_refuses_a_family_whose_checkpoints_transformers_converts(tmp_path):
+    import transformers as tf
+
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=100, num_local_experts=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    with pytest.raises(UserError, match=r"^model.load: by-layer reads a checkpoint under the model's own tensor "
+                                        r"names, and transformers converts the checkpoints of MixtralForCausalLM"):
+        load_by_layer(str(tmp_path / "moe"), F32)

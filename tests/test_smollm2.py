@@ -51,7 +51,7 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     (tmp_path / "by-layer").mkdir()
     shards = ShardWriter(tmp_path / "by-layer", None)
     compress_model(lazy, ranks, "svd-llm", tmp_path / "stats", CPU,
-                   by_layer=ByLayer(lazy, checkpoint, CPU, torch.float32, shards.layer("model.layers")))
+                   by_layer=ByLayer(lazy, checkpoint, CPU, torch.float32, shards.write_layer))
     save_compressed(lazy, tokenizer, tmp_path / "by-layer", shards=shards)
     by_layer = load_compressed(tmp_path / "by-layer").state_dict()
     assert by_layer.keys() == reloaded.state_dict().keys()
