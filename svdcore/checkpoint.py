@@ -241,6 +241,18 @@ def _check_plain_keys(model: nn.Module) -> None:
                         f"model.load whole")
 
 
+@contextmanager
+def layer_read(by_layer, layer: nn.Module):
+    """`layer` read in for the body of the with-statement and handed on after it (by_layer None:
+    the model is whole, nothing to do); for loops that visit each layer once, without streams."""
+    if by_layer is None:
+        yield
+        return
+    home = by_layer.move(layer)()
+    yield
+    by_layer.send_home(layer, home)
+
+
 class ByLayer(Serial):
     """The layer loop's mover for a model loaded by layer: `move` reads the layer's tensors from
     the checkpoint onto the device when the loop reaches it; `send_home` hands the finished layer

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import layer_read
 from .covariances import LayerStats, load_layer
 from .decompose import IDENTITY, anchored_weight, choose_route, diagonal_whitening, eigen_whitening, truncate, whitening
 from .errors import UserError
@@ -296,17 +297,15 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
     if not (streams.dense or streams.shifted):  # statistics from disk, no step that needs a forward pass
         with bar:
             for index, layer in enumerate(layers):
-                home = by_layer.move(layer)() if by_layer is not None else None
-                name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
-                chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
-                stats, cache = (disk_stats(index) if chosen else None), {}
-                for local, module in chosen.items():
-                    _truncate_linear(model, name_of(local), local, module, todo[name_of(local)], recipe, stats, fisher,
-                                     cache, route, report, index, device)
-                    bar.update()
-                report.whitenings(name_of, cache)
-                if by_layer is not None:
-                    by_layer.send_home(layer, home)
+                with layer_read(by_layer, layer):
+                    name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
+                    chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
+                    stats, cache = (disk_stats(index) if chosen else None), {}
+                    for local, module in chosen.items():
+                        _truncate_linear(model, name_of(local), local, module, todo[name_of(local)], recipe, stats,
+                                         fisher, cache, route, report, index, device)
+                        bar.update()
+                    report.whitenings(name_of, cache)
         return report.done()
 
     dense, kwargs = capture_layer_inputs(model, windows, batch_size, device, offload)

@@ -8,6 +8,7 @@ figures do not grow with the calibration set.
 import torch
 
 from .atomic import load_tensors, save_tensors
+from .checkpoint import layer_read
 from .covariances import load_layer
 from .decompose import whitening
 from .model import decoder_layers, layer_linears, layer_prefix, weight_matrix
@@ -36,12 +37,10 @@ def whitened_spectra(model, stats_dir, device: torch.device, by_layer=None) -> d
     for index, layer in enumerate(tqdm(layers, desc="spectra", unit="layer")):
         stats = load_layer(stats_dir, index)
         grams = {g: (v / stats.tokens).to(device) for g, v in stats.grams.items()}
-        home = by_layer.move(layer)() if by_layer is not None else None
-        for local, module in layer_linears(layer).items():
-            weight = weight_matrix(module).detach().to(device)
-            spectra[f"{prefix}.{index}.{local}"] = whitened_spectrum(weight, grams[stats.shares[local]]).cpu()
-        if by_layer is not None:
-            by_layer.send_home(layer, home)
+        with layer_read(by_layer, layer):
+            for local, module in layer_linears(layer).items():
+                weight = weight_matrix(module).detach().to(device)
+                spectra[f"{prefix}.{index}.{local}"] = whitened_spectrum(weight, grams[stats.shares[local]]).cpu()
     return spectra
 
 
