@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from bench.common import parser as bench_parser, table, write_json
+from stages.pipeline import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_stage(scratch: Path, processes: int) -> float:

@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from bench.common import table, write_json
-from stages.project import run, scratch_project, set_params, stage_names
+from stages.pipeline import stage_names
+from stages.project import run, scratch_project, set_params
 
 
 def repro(work: Path, env: dict, dvc: list[str], target: str | None) -> dict:

@@ -41,10 +41,10 @@ def main(argv=None):
     from stages.io import load_sweep_model
 
     params = load()
-    device = resolve_device(params["device"] if args.device == "auto" else args.device)
-    params = {**params, "device": str(device)}  # what compress_point and load_sweep_model compute on, in its dtype
-    tokenizer = load_tokenizer(params["model"]["name"])
-    zs = params["zeroshot"]
+    device = resolve_device(params.device if args.device == "auto" else args.device)
+    params = params.model_copy(update={"device": str(device)})  # what compress_point and load_sweep_model compute on, in its dtype
+    tokenizer = load_tokenizer(params.model.name)
+    zs = params.zeroshot
     previous = previous_rows(args.json)
     rows = [r for r in previous if r["limit"] == args.limit and r["ratio"] in (0.0, args.ratio)]
     # a compressed method is done when scored the same way (saved model or in memory); dense either way
@@ -54,7 +54,7 @@ def main(argv=None):
             continue
         start = time.perf_counter()
         if method == "dense":
-            model, ratio = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device)), 0.0
+            model, ratio = load_model(params.model.name, resolve_dtype(params.model.dtype, device)), 0.0
         elif args.saved:
             model, _, _, _ = load_sweep_model(params, method, args.ratio)
             ratio = args.ratio
@@ -62,7 +62,7 @@ def main(argv=None):
             model, _ = compress_point(params, method, args.ratio)
             ratio = args.ratio
         compress_s = time.perf_counter() - start
-        scores, runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], args.limit, zs["batch_size"], device)
+        scores, runtime = evaluate_zeroshot(model, tokenizer, zs.tasks, args.limit, zs.batch_size, device)
         mean = scores["mean"]
         rows.append({"method": method, "ratio": ratio, "limit": args.limit,
                      "acc": mean["acc"], "acc_stderr": mean_stderr(scores["tasks"], "acc"),

@@ -10,8 +10,8 @@ OUT = "artifacts/ranks.json"
 
 
 def work(params):
-    recipe = recipe_from_params(params["compress"])
-    record, _ = allocation_for(params["compress"], recipe, "artifacts/sensitivity.safetensors")
+    recipe = recipe_from_params(params.compress)
+    record, _ = allocation_for(params.compress, recipe, "artifacts/sensitivity.safetensors")
     write_json(OUT, record)
     return {}
 

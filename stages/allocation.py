@@ -17,9 +17,9 @@ def allocation_for(compress: dict, recipe: Recipe, sensitivity: str) -> tuple[di
     shapes = read_json(LINEARS, "linear shapes")["shapes"]
     spectra = load_spectra(SPECTRA, shapes) if recipe.allocation == "v2" else None
     costs = load_costs(sensitivity, shapes) if recipe.allocation == "sensitivity" else None
-    ranks, decided = allocate(shapes, compress["ratio"], recipe.allocation, spectra, recipe.last_layers,
-                              compress["rank_multiple"], costs)
+    ranks, decided = allocate(shapes, compress.ratio, recipe.allocation, spectra, recipe.last_layers,
+                              compress.rank_multiple, costs)
     dense, kept = parameter_count(shapes, {n: None for n in shapes}), parameter_count(shapes, ranks)
-    return {"ratio": compress["ratio"], "strategy": recipe.allocation, **decided,
-            "rank_multiple": compress["rank_multiple"], "shapes": shapes, "ranks": ranks,
+    return {"ratio": compress.ratio, "strategy": recipe.allocation, **decided,
+            "rank_multiple": compress.rank_multiple, "shapes": shapes, "ranks": ranks,
             "linear_params_dense": dense, "linear_params_compressed": kept, "linear_ratio": 1 - kept / dense}, decided

@@ -11,14 +11,14 @@ OUT = "artifacts/calibration.safetensors"
 
 
 def work(params):
-    cal = params["calibration"]
-    check_seqlen(load_config(params["model"]["name"]), cal["seqlen"], "calibration.seqlen")
-    tokenizer = load_tokenizer(params["model"]["name"])
-    text = load_text(cal["dataset"])
+    cal = params.calibration
+    check_seqlen(load_config(params.model.name), cal.seqlen, "calibration.seqlen")
+    tokenizer = load_tokenizer(params.model.name)
+    text = load_text(cal.dataset)
     ids = tokenize(tokenizer, text)
-    windows = calibration_windows(tokenizer, text, cal["sampler"], cal["samples"], cal["seqlen"], cal["seed"], ids)
+    windows = calibration_windows(tokenizer, text, cal.sampler, cal.samples, cal.seqlen, cal.seed, ids)
     with atomic_path(OUT) as tmp:
-        save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"dataset": cal["dataset"]})
+        save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"dataset": cal.dataset})
     return {"dataset_tokens": ids.numel()}
 
 

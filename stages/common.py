@@ -15,6 +15,7 @@ from svdcore.atomic import atomic_path, write_json
 from svdcore.errors import UserError
 from svdcore.model import load_model, resolve_device, resolve_dtype
 from stages.io import load_calibration
+from stages.pipeline import PIPELINES, stages_of
 
 STAGE_METRICS = Path("metrics/stages")
 
@@ -46,10 +47,6 @@ def peak_memory() -> dict:
     return figures
 
 
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = (("dvc.yaml", "dvc repro"), ("sweep/dvc.yaml", "dvc repro sweep/dvc.yaml"))
-
-
 def rebuild_hint(artifact: str | None) -> str:
     """How to rebuild a missing or bad `artifact` (a path, relative to where the stage runs): "; rerun
     <stage> (dvc repro)" for the stage of the project's dvc.yaml or sweep/dvc.yaml whose output holds
@@ -62,10 +59,10 @@ def rebuild_hint(artifact: str | None) -> str:
     path = os.path.abspath(artifact)  # not resolve(): DVC may link outputs into its cache
     try:
         for pipeline, command in PIPELINES:
-            if not (ROOT / pipeline).is_file():
+            if not pipeline.is_file():
                 continue
-            for name, stage in (yaml.safe_load((ROOT / pipeline).read_text()).get("stages") or {}).items():
-                base = os.path.abspath((ROOT / pipeline).parent / stage.get("wdir", "."))
+            for name, stage in (stages_of(pipeline) or {}).items():
+                base = os.path.abspath(pipeline.parent / stage.get("wdir", "."))
                 for out in (stage.get("outs") or []) + (stage.get("metrics") or []):
                     out = out if isinstance(out, str) else next(iter(out))
                     # ${item.method} and the like: one path segment each, which names the matrix stage
@@ -82,9 +79,10 @@ def rebuild_hint(artifact: str | None) -> str:
 
 
 def run(name: str, work, timings_dir: Path | None = STAGE_METRICS) -> None:
-    """Call work(params) -> dict of runtime figures; write them with the stage's wall time and
-    peak memory to <timings_dir>/<name>.json (None: the work records its own; under torchrun, rank
-    0's figures alone). A UserError exits 2 with one line, no traceback."""
+    """Call work(params) with params.yaml's typed values (svdcore.params.Params) -> dict of runtime
+    figures; write them with the stage's wall time and peak memory to <timings_dir>/<name>.json
+    (None: the work records its own; under torchrun, rank 0's figures alone). A UserError exits 2
+    with one line, no traceback."""
     try:
         params = params_module.load()
         figures = work(params) or {}
@@ -105,28 +103,28 @@ def under_torchrun(params, module: str) -> None:
     `dvc repro` keeps its plain `python -m stages.X` command, and one process (the default) runs
     exactly as without torchrun. Every node of a multi-node run starts the same command in the same
     repository (a shared filesystem: rank 0 writes the outputs, wherever it lands)."""
-    spread = params["distributed"]
-    processes = spread["nproc_per_node"] * spread["nnodes"]
+    spread = params.distributed
+    processes = spread.nproc_per_node * spread.nnodes
     if processes == 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         return
     # what would otherwise fail only once the processes run, or hang at the rendezvous
-    if params["calibration"]["samples"] < processes:
-        raise UserError(f"distributed: {params['calibration']['samples']} calibration windows "
+    if params.calibration.samples < processes:
+        raise UserError(f"distributed: {params.calibration.samples} calibration windows "
                         f"(calibration.samples) for {processes} processes (distributed.nproc_per_node x .nnodes); "
                         f"expected at least one window a process")
-    host, port = spread["rdzv_endpoint"].rsplit(":", 1)
-    if spread["nnodes"] > 1 and (port == "0" or host in ("localhost", "127.0.0.1")):
-        raise UserError(f"distributed.rdzv_endpoint: {spread['rdzv_endpoint']!r} for {spread['nnodes']} machines; "
+    host, port = spread.rdzv_endpoint.rsplit(":", 1)
+    if spread.nnodes > 1 and (port == "0" or host in ("localhost", "127.0.0.1")):
+        raise UserError(f"distributed.rdzv_endpoint: {spread.rdzv_endpoint!r} for {spread.nnodes} machines; "
                         f"expected host:port of the first machine that the others can reach, e.g. node0:29500")
-    device = resolve_device(params["device"])
-    if device.type == "cuda" and spread["nproc_per_node"] > torch.cuda.device_count():
-        raise UserError(f"distributed.nproc_per_node: {spread['nproc_per_node']} processes for "
+    device = resolve_device(params.device)
+    if device.type == "cuda" and spread.nproc_per_node > torch.cuda.device_count():
+        raise UserError(f"distributed.nproc_per_node: {spread.nproc_per_node} processes for "
                         f"{torch.cuda.device_count()} GPUs; expected one GPU a process at most")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spread["nnodes"]),
-                              "--nproc-per-node", str(spread["nproc_per_node"]), "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", spread["rdzv_endpoint"], "-m", module])
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spread.nnodes),
+                              "--nproc-per-node", str(spread.nproc_per_node), "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", spread.rdzv_endpoint, "-m", module])
 
 
 def gated_work(needed, compute, save, out: str, always: bool = False):
@@ -135,11 +133,11 @@ def gated_work(needed, compute, save, out: str, always: bool = False):
     windows, else nothing, and `save(path, result)` either way (an empty result: switching methods
     costs nothing), written whole or not at all. The stage's command: run_gated."""
     def work(params):
-        device = resolve_device(params["device"])
+        device = resolve_device(params.device)
         result = {}
         if always or needed(params):
             windows = load_calibration()  # before the slow model load: a missing file stops at once
-            model = load_model(params["model"]["name"], resolve_dtype(params["model"]["dtype"], device))
+            model = load_model(params.model.name, resolve_dtype(params.model.dtype, device))
             result = compute(params, model, windows, device)
         with atomic_path(out) as tmp:
             save(tmp, result)

@@ -18,9 +18,10 @@ from svdcore.fisher import load_fisher
 from svdcore.lowrank import save_compressed
 from svdcore.methods import Recipe, recipe_from_params
 from svdcore.model import checkpoint_dtype, resolve_device, resolve_dtype
-from svdcore.params import sweep_compress
+from svdcore.params import Params
 from stages.allocation import LINEARS, allocation_for
 from stages.io import load_calibration
+from stages.sweep_params import sweep_compress
 from stages.tracking import git_sha, repository_root
 
 STATS = "artifacts/stats"
@@ -29,7 +30,7 @@ SWEEP_FISHER = "sweep/artifacts/fisher.safetensors"
 SWEEP_SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
 
 
-def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_path: str,
+def compress_in_memory(params: Params, recipe: Recipe, allocation: dict, fisher_path: str,
                        shards: ShardWriter | None = None):
     """(model, report, summary): params.yaml's model compressed in memory to `allocation`'s ranks by
     `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher_path` when the recipe
@@ -38,9 +39,9 @@ def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_pa
     compression's wall time (compress_s). With `shards` (model.load by-layer), the model's decoder
     layers are read, compressed and written to `shards` one at a time: the model returned holds only
     what lies outside them (write_model writes it)."""
-    device = resolve_device(params["device"])
-    dtype = resolve_dtype(params["model"]["dtype"], device)
-    model, by_layer = open_model(params["model"]["name"], dtype, "whole" if shards is None else "by-layer", device)
+    device = resolve_device(params.device)
+    dtype = resolve_dtype(params.model.dtype, device)
+    model, by_layer = open_model(params.model.name, dtype, "whole" if shards is None else "by-layer", device)
     if by_layer is not None:
         by_layer.on_done = shards.write_layer
     if allocation.get("shapes") != linear_shapes(model):
@@ -49,10 +50,10 @@ def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_pa
     windows = load_calibration() if recipe.needs_windows else None
     fisher = load_fisher(fisher_path, model) if recipe.needs_fisher else None
     dense = parameter_counts(model)
-    cov = params["covariances"]
+    cov = params.covariances
     start = time.perf_counter()
-    report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, cov["batch_size"],
-                            route=params["compress"]["route"], offload=cov["offload_activations"], fisher=fisher,
+    report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, cov.batch_size,
+                            route=params.compress.route, offload=cov.offload_activations, fisher=fisher,
                             by_layer=by_layer)
     compress_s = round(time.perf_counter() - start, 2)
     compressed = parameter_counts(model)
@@ -60,13 +61,13 @@ def compress_in_memory(params: dict, recipe: Recipe, allocation: dict, fisher_pa
                            "ratio_achieved": ratio_achieved(dense, compressed), "compress_s": compress_s}
 
 
-def save_dtype(params: dict) -> torch.dtype:
+def save_dtype(params: Params) -> torch.dtype:
     """compress.save_dtype, auto resolved to the source checkpoint's."""
-    dtype = params["compress"]["save_dtype"]
-    return checkpoint_dtype(params["model"]["name"]) if dtype == "auto" else getattr(torch, dtype)
+    dtype = params.compress.save_dtype
+    return checkpoint_dtype(params.model.name) if dtype == "auto" else getattr(torch, dtype)
 
 
-def save_with_card(params: dict, recipe: Recipe, allocation: dict, model, tokenizer, directory: str,
+def save_with_card(params: Params, recipe: Recipe, allocation: dict, model, tokenizer, directory: str,
                    extra_files: dict | None = None) -> None:
     """The compressed model in compress.save_dtype (auto: the source checkpoint's), with its model
     card and `extra_files` ({name: data} as JSON), written whole or not at all."""
@@ -74,25 +75,25 @@ def save_with_card(params: dict, recipe: Recipe, allocation: dict, model, tokeni
         write_model(tmp, params, recipe, allocation, model, tokenizer, None, extra_files)
 
 
-def write_model(tmp, params: dict, recipe: Recipe, allocation: dict, model, tokenizer, shards: ShardWriter | None,
+def write_model(tmp, params: Params, recipe: Recipe, allocation: dict, model, tokenizer, shards: ShardWriter | None,
                 extra_files: dict | None = None) -> None:
     """save_with_card's files, in the folder `tmp` (which `shards` wrote the layers into, if given)."""
-    compress = params["compress"]
+    compress = params.compress
     dtype = save_dtype(params) if shards is None else shards.dtype
     card = model_card(params, recipe.describe(), allocation, str(dtype).removeprefix("torch."),
                       git_sha(repository_root()))
-    save_compressed(model, tokenizer, tmp, extra={"method": compress["method"], "ratio": compress["ratio"],
+    save_compressed(model, tokenizer, tmp, extra={"method": compress.method, "ratio": compress.ratio,
                                                   **recipe.describe()}, dtype=dtype, shards=shards)
     (tmp / "README.md").write_text(card)
     for name, data in (extra_files or {}).items():
         (tmp / name).write_text(json_text(data))
 
 
-def compress_and_save(params: dict, recipe: Recipe, allocation: dict, fisher_path: str, tokenizer, directory: str):
+def compress_and_save(params: Params, recipe: Recipe, allocation: dict, fisher_path: str, tokenizer, directory: str):
     """(report, summary): compress_in_memory, then save_with_card into `directory`; with `model.load:
     by-layer`, each layer written as it is compressed (the folder appears whole or not at all
     either way)."""
-    if params["model"]["load"] == "whole":
+    if params.model.load == "whole":
         model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path)
         save_with_card(params, recipe, allocation, model, tokenizer, directory)
         return report, summary
@@ -103,14 +104,14 @@ def compress_and_save(params: dict, recipe: Recipe, allocation: dict, fisher_pat
     return report, summary
 
 
-def compress_point(params: dict, method: str, ratio: float):
+def compress_point(params: Params, method: str, ratio: float):
     """(model, point): a sweep point's model compressed in memory: `method` (a preset, or a preset
     with +update) at `ratio`, from the main pipeline's statistics and the sweep's Fisher scales and
-    component costs. `point` holds its params (compress is the preset's: svdcore.params.sweep_compress),
+    component costs. `point` holds its params (compress is the preset's: stages.sweep_params.sweep_compress),
     recipe, allocation and what the allocation decided, and compress_in_memory's report and summary."""
-    params = {**params, "compress": sweep_compress(params["compress"], method, ratio)}
-    recipe = recipe_from_params(params["compress"])
-    allocation, decided = allocation_for(params["compress"], recipe, SWEEP_SENSITIVITY)
+    params = params.model_copy(update={"compress": sweep_compress(params.compress, method, ratio)})
+    recipe = recipe_from_params(params.compress)
+    allocation, decided = allocation_for(params.compress, recipe, SWEEP_SENSITIVITY)
     model, report, summary = compress_in_memory(params, recipe, allocation, SWEEP_FISHER)
     return model, {"params": params, "recipe": recipe, "allocation": allocation, "decided": decided,
                    "report": report, "summary": summary}

@@ -22,19 +22,19 @@ LINEARS = "artifacts/linears.json"
 
 
 def work(params):
-    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
+    device = resolve_device(params.device)  # first: a bad device fails before any slow work
     under_torchrun(params, "stages.compute_covariances")
     windows = load_calibration()
-    dtype = resolve_dtype(params["model"]["dtype"], device)
+    dtype = resolve_dtype(params.model.dtype, device)
     device = distributed.join(device)
     try:
-        model, by_layer = open_model(params["model"]["name"], dtype, params["model"]["load"], device)
+        model, by_layer = open_model(params.model.name, dtype, params.model.load, device)
         vocab = model.get_input_embeddings().num_embeddings
         if windows.numel() and int(windows.max()) >= vocab:
             raise UserError(f"calibration: token id {int(windows.max())} in artifacts/calibration.safetensors is "
                             f"outside the model's vocabulary ({vocab}); the windows were made with another "
                             f"tokenizer, rerun collect-calibration")
-        cov = params["covariances"]
+        cov = params.covariances
         if distributed.env_rank() == 0:
             with atomic_path(STATS, is_dir=True) as tmp:
                 collect(model, windows, cov, device, tmp, by_layer)
@@ -60,8 +60,8 @@ def collect(model, windows, cov: dict, device, out, by_layer=None) -> None:
             if out is not None:
                 pending.append(writer.submit(save_layer, out, index, stats))
 
-        collect_grams(model, distributed.shard(windows), cov["batch_size"], device, save,
-                      offload=cov["offload_activations"], by_layer=by_layer)
+        collect_grams(model, distributed.shard(windows), cov.batch_size, device, save,
+                      offload=cov.offload_activations, by_layer=by_layer)
         for job in pending:
             job.result()
 

@@ -10,11 +10,11 @@ OUT = "artifacts/fisher.safetensors"
 
 
 def needed(params) -> bool:
-    return recipe_from_params(params["compress"]).needs_fisher
+    return recipe_from_params(params.compress).needs_fisher
 
 
 def compute(params, model, windows, device) -> dict:
-    return fisher_scales(model, windows, params["covariances"]["batch_size"], device)
+    return fisher_scales(model, windows, params.covariances.batch_size, device)
 
 
 gated = partial(gated_work, needed, compute, save_fisher)  # (out, always) -> the work

@@ -11,13 +11,13 @@ OUT = "artifacts/sensitivity.safetensors"
 
 
 def needed(params) -> bool:
-    return recipe_from_params(params["compress"]).allocation == "sensitivity"
+    return recipe_from_params(params.compress).allocation == "sensitivity"
 
 
 def compute(params, model, windows, device) -> dict:
-    sens = params["sensitivity"]
-    return component_costs(model, windows[:sens["samples"]], "artifacts/stats", device,  # all when fewer
-                           params["covariances"]["batch_size"], sens["seed"])
+    sens = params.sensitivity
+    return component_costs(model, windows[:sens.samples], "artifacts/stats", device,  # all when fewer
+                           params.covariances.batch_size, sens.seed)
 
 
 gated = partial(gated_work, needed, compute, save_costs)  # (out, always) -> the work

@@ -9,9 +9,9 @@ OUT = "artifacts/spectra.safetensors"
 
 
 def work(params):
-    device = resolve_device(params["device"])
-    dtype = resolve_dtype(params["model"]["dtype"], device)
-    model, by_layer = open_model(params["model"]["name"], dtype, params["model"]["load"], device)
+    device = resolve_device(params.device)
+    dtype = resolve_dtype(params.model.dtype, device)
+    model, by_layer = open_model(params.model.name, dtype, params.model.load, device)
     spectra = whitened_spectra(model, "artifacts/stats", device, by_layer)
     with atomic_path(OUT) as tmp:
         save_spectra(tmp, spectra)

@@ -20,15 +20,15 @@ SAMPLES = "metrics/samples.json"
 def work(params):
     from transformers import AutoTokenizer
 
-    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
-    zs, gen = params["zeroshot"], params["generate"]
+    device = resolve_device(params.device)  # first: a bad device fails before any slow work
+    zs, gen = params.zeroshot, params.generate
     dense = read_json(DENSE, "dense baseline")
-    check_same_protocol(dense.get("zeroshot", {}), zs["tasks"], zs["limit"], DENSE)
+    check_same_protocol(dense.get("zeroshot", {}), zs.tasks, zs.limit, DENSE)
     dense_samples = read_json(DENSE_SAMPLES, "dense generation samples")
-    check_same_prompts(dense_samples, gen["prompts"], gen["max_new_tokens"], DENSE_SAMPLES)
+    check_same_prompts(dense_samples, gen.prompts, gen.max_new_tokens, DENSE_SAMPLES)
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
-    model, by_layer = open_compressed(MODEL_DIR, resolve_dtype(params["model"]["dtype"], device),
+    model, by_layer = open_compressed(MODEL_DIR, resolve_dtype(params.model.dtype, device),
                                       "by-layer" if streams_by_layer(params) else "whole", device)
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
@@ -39,11 +39,11 @@ def work(params):
     metrics = {
         "dense": dense,
         "compressed": compressed,
-        "ratio": {"target": params["compress"]["ratio"], **ratio_achieved(dense, compressed)},
+        "ratio": {"target": params.compress.ratio, **ratio_achieved(dense, compressed)},
         "whitening_routes": {"matrices": report["route_counts"], "grams": report["gram_route_counts"]},
     }
     write_json(OUT, metrics)
-    write_json(SAMPLES, {"max_new_tokens": gen["max_new_tokens"],
+    write_json(SAMPLES, {"max_new_tokens": gen.max_new_tokens,
                          "samples": side_by_side(dense_samples["samples"], samples)})
 
     # the latest wall time and memory of every stage in this workspace (the optional quantize stage's
@@ -52,7 +52,7 @@ def work(params):
               if path.stem != "evaluate"}
     stages["evaluate"] = {**runtime, "wall_s": wall_s(), **peak_memory()}
     # the model version and the run find each other: the run is tagged with the model's DVC hash
-    log_run(params["mlflow"]["experiment"], params, {**metrics, "stages": stages},
+    log_run(params.mlflow.experiment, params.model_dump(), {**metrics, "stages": stages},
             [OUT, SAMPLES, "artifacts/ranks.json", REPORT, f"{MODEL_DIR}/README.md"],
             tags={"model_md5": output_md5("truncate-and-update", MODEL_DIR)})
     return runtime

@@ -13,9 +13,9 @@ from stages.io import DENSE, DENSE_SAMPLES
 
 
 def work(params):
-    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
-    name = params["model"]["name"]
-    dtype = resolve_dtype(params["model"]["dtype"], device)
+    device = resolve_device(params.device)  # first: a bad device fails before any slow work
+    name = params.model.name
+    dtype = resolve_dtype(params.model.dtype, device)
     model, by_layer = open_model(name, dtype, "by-layer" if streams_by_layer(params) else "whole", device)
     metrics, runtime = measure(model, load_tokenizer(name), params, device, "dense", by_layer=by_layer)
     samples = metrics.pop("samples")
@@ -25,7 +25,7 @@ def work(params):
         metrics["bytes_source"] = directory_bytes(local)
     metrics["bytes_weights"] = weight_bytes(model)
     write_json(DENSE, metrics)
-    write_json(DENSE_SAMPLES, {"max_new_tokens": params["generate"]["max_new_tokens"], "samples": samples})
+    write_json(DENSE_SAMPLES, {"max_new_tokens": params.generate.max_new_tokens, "samples": samples})
     return runtime
 
 

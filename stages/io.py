@@ -5,6 +5,7 @@ from svdcore.atomic import read_json
 from svdcore.errors import UserError
 from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
+from svdcore.params import Params
 
 CALIBRATION = Path("artifacts/calibration.safetensors")
 MODEL_DIR = "models/compressed"  # truncate-and-update's model, read by evaluate and quantize
@@ -46,13 +47,13 @@ def load_calibration():
         raise UserError(f"calibration: {CALIBRATION} is unreadable ({e})", artifact=CALIBRATION) from None
 
 
-def load_sweep_model(params: dict, method: str, ratio: float):
+def load_sweep_model(params: Params, method: str, ratio: float):
     """(model, tokenizer, description, device): a sweep point's saved model, loaded as evaluate loads
     models/compressed (computing in model.dtype), and its compress.json."""
     from transformers import AutoTokenizer
 
-    device = resolve_device(params["device"])
+    device = resolve_device(params.device)
     directory = sweep_model_dir(method, ratio)
     description = read_json(f"{directory}/{SWEEP_DESCRIPTION}", f"sweep point {method}@{ratio}'s compression")
-    model = load_compressed(directory, dtype=resolve_dtype(params["model"]["dtype"], device))
+    model = load_compressed(directory, dtype=resolve_dtype(params.model.dtype, device))
     return model, AutoTokenizer.from_pretrained(directory), description, device

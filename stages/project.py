@@ -9,12 +9,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage_names(pipeline: Path = ROOT / "dvc.yaml") -> list[str]:
-    """The stages of a dvc.yaml, in the order it lists them: the one place stage names are kept."""
-    return list(yaml.safe_load(pipeline.read_text())["stages"])
+from stages.pipeline import ROOT
 
 
 def run(args, cwd, env):

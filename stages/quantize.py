@@ -14,8 +14,8 @@ OUT = "metrics/quantize.json"
 
 
 def work(params):
-    device = resolve_device(params["device"])  # first: a bad device fails before any slow work
-    scheme = params["quantize"]["scheme"]
+    device = resolve_device(params.device)  # first: a bad device fails before any slow work
+    scheme = params.quantize.scheme
     if scheme == "none":
         with atomic_path(QUANTIZED, is_dir=True) as tmp:
             (tmp / "README.md").write_text("quantize.scheme is none in params.yaml: no quantized model here.\n")
@@ -28,7 +28,7 @@ def work(params):
     # scored as a user gets it: loaded back from disk, computing in model.dtype as the evaluate stage does
     tokenizer = AutoTokenizer.from_pretrained(QUANTIZED)
     model = AutoModelForCausalLM.from_pretrained(QUANTIZED, trust_remote_code=True,
-                                                 dtype=resolve_dtype(params["model"]["dtype"], device)).eval()
+                                                 dtype=resolve_dtype(params.model.dtype, device)).eval()
     metrics, runtime = measure(model, tokenizer, params, device, f"quantized {scheme}", what=("perplexity",))
     write_json(OUT, {"scheme": scheme, "quantized_linears": quantized, "linears": linears,
                      "bytes_on_disk": directory_bytes(QUANTIZED), "compressed_bytes_on_disk": directory_bytes(MODEL_DIR),

@@ -18,12 +18,12 @@ from stages.io import SWEEP_DESCRIPTION, sweep_compress_timings, sweep_model_dir
 
 
 def work(params, method: str, ratio: float) -> dict:
-    tokenizer = load_tokenizer(params["model"]["name"])  # saved beside the model; before the slow work
+    tokenizer = load_tokenizer(params.model.name)  # saved beside the model; before the slow work
     model, point = compress_point(params, method, ratio)
     recipe, summary = point["recipe"], point["summary"]
     # the params that made the model (those this stage depends on); the point and zero-shot stages
     # add the evaluation settings they use
-    made_by = {key: point["params"][key] for key in ("device", *REPRODUCING)}
+    made_by = point["params"].model_dump(include={"device", *REPRODUCING})
     description = {"method": method, "ratio": ratio, "recipe": recipe.describe(), **point["decided"],
                    "ratio_achieved": summary["ratio_achieved"], "params": made_by, "report": point["report"]}
     save_with_card(point["params"], recipe, point["allocation"], model, tokenizer, sweep_model_dir(method, ratio),

@@ -19,7 +19,7 @@ def work(params, method: str, ratio: float) -> dict:
     start = time.perf_counter()
     metrics, _ = measure(model, tokenizer, params, device, f"{method}@{ratio}", what=("perplexity",))
     write_json(point_file(method, ratio), {
-        **point, "params": {**point["params"], "evaluate": params["evaluate"]},
+        **point, "params": {**point["params"], "evaluate": params.evaluate.model_dump()},
         "ppl": metrics["ppl"], "windows": metrics["windows"],
         "evaluate_s": round(time.perf_counter() - start, 2), "wall_s": wall_s(), **peak_memory()})
     return {}

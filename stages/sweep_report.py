@@ -5,10 +5,11 @@ from pathlib import Path
 
 from svdcore.atomic import read_json, write_json
 from svdcore.methods import Recipe
-from svdcore.params import load as load_params, validate_sweep
+from svdcore.params import load as load_params
 from svdcore.zeroshot import check_same_protocol
 from stages.common import STAGE_METRICS, run
 from stages.io import DENSE, point_file, sweep_compress_timings, zeroshot_file
+from stages.sweep_params import validate_sweep
 from stages.sweep_tables import log_sweep, plot, plot_data, points_table, write_csv, write_markdown
 
 SWEEP = Path("sweep")
@@ -21,16 +22,16 @@ def work(params):
     sweep = load_params(SWEEP / "params.yaml", validate_sweep)
     dense = read_json(DENSE, "dense baseline")
     scored = {(m, r): read_json(zeroshot_file(m, r), f"sweep zero-shot point {m}@{r}")
-              for m in sweep["zeroshot_methods"] for r in sweep["ratios"]}
+              for m in sweep.zeroshot_methods for r in sweep.ratios}
     for z in scored.values():  # the dense scores sit beside these only if both saw the same items
         check_same_protocol(dense.get("zeroshot", {}), list(z["zeroshot"]["tasks"]), z["zeroshot"]["limit"], DENSE)
     # wall times, read but not depended on (they would enter the run-cache key); they exist, since the
     # stages that write them run upstream of every point
     compressions = {(m, r): read_json(sweep_compress_timings(m, r), f"sweep point {m}@{r}'s compression timings")
-                    for m in sweep["methods"] for r in sweep["ratios"]}
+                    for m in sweep.methods for r in sweep.ratios}
     points = []
-    for m in sweep["methods"]:
-        for r in sweep["ratios"]:
+    for m in sweep.methods:
+        for r in sweep.ratios:
             point = {**read_json(point_file(m, r), f"sweep point {m}@{r}"),
                      "compress_s": compressions[m, r]["compress_s"]}
             points.append({**point, "zeroshot": scored[m, r]["zeroshot"]} if (m, r) in scored else point)
@@ -45,7 +46,7 @@ def work(params):
     fwsvd_points = sum(Recipe(**p["recipe"]).needs_fisher for p in points)
     sensitivity_points = sum(Recipe(**p["recipe"]).allocation == "sensitivity" for p in points)
     write_json(RESULTS / "summary.json", {
-        "points": len(points), "methods": sweep["methods"], "ratios": sweep["ratios"],
+        "points": len(points), "methods": sweep.methods, "ratios": sweep.ratios,
         # the sweep's own stages; the statistics pass and the dense evaluation come from the main pipeline
         "sweep_s": round(points_s + sum(z["wall_s"] for z in scored.values()) + fisher_s + sensitivity_s, 1),
         "shared_upstream_s": round(sum(upstream.values()), 1),
@@ -54,7 +55,7 @@ def work(params):
                                            + len(points) * sum(upstream.values()) + fwsvd_points * fisher_s
                                            + sensitivity_points * sensitivity_s, 1),
     })
-    log_sweep(sweep["experiment"], dense, points, sweep,
+    log_sweep(sweep.experiment, dense, points, sweep.model_dump(),
               [RESULTS / "table.md", RESULTS / "table.csv", RESULTS / "ratio_ppl.png", RESULTS / "summary.json"])
     return {}
 

@@ -10,17 +10,17 @@ from stages.io import MODEL_DIR, REPORT
 
 
 def work(params):
-    resolve_device(params["device"])  # first: a bad device fails before any slow work
-    compress = params["compress"]
+    resolve_device(params.device)  # first: a bad device fails before any slow work
+    compress = params.compress
     recipe = recipe_from_params(compress)
     allocation = read_json("artifacts/ranks.json", "ranks")  # checked before the slow model load
-    for key, param, wanted in (("ratio", "ratio", compress["ratio"]), ("rank_multiple", "rank_multiple", compress["rank_multiple"]),
+    for key, param, wanted in (("ratio", "ratio", compress.ratio), ("rank_multiple", "rank_multiple", compress.rank_multiple),
                                ("strategy", "allocation", recipe.allocation)):
         if allocation.get(key) != wanted:
             raise UserError(f"ranks: artifacts/ranks.json was allocated for compress.{param} {allocation.get(key)!r}, "
                             f"params.yaml says {wanted!r}; rerun allocate-ranks")
     check_ranks(allocation.get("ranks"), allocation.get("shapes") or {}, "artifacts/ranks.json")
-    tokenizer = load_tokenizer(params["model"]["name"])  # saved beside the model; before the slow work
+    tokenizer = load_tokenizer(params.model.name)  # saved beside the model; before the slow work
     report, summary = compress_and_save(params, recipe, allocation, "artifacts/fisher.safetensors", tokenizer, MODEL_DIR)
     write_json(REPORT, report)
     return {"compress_s": summary["compress_s"]}

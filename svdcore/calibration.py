@@ -47,4 +47,4 @@ def calibration_windows(tokenizer, text: str, sampler: str, samples: int, seqlen
         return random_windows(tokenize(tokenizer, text) if ids is None else ids, samples, seqlen, seed)
     if sampler == "chars":
         return char_offset_windows(tokenizer, text, samples, seqlen, seed)
-    raise UserError(f"calibration.sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    raise ValueError(f"sampler {sampler!r} is none of {SAMPLERS}")  # params.yaml's types check calibration.sampler

@@ -1,10 +1,16 @@
 """The model card saved in a compressed model's directory (README.md, the Hugging Face format): a
 YAML header the hub reads (base model, library, tags), then what was done to the model, how to use
 it, and the commit and params that reproduce it."""
+from __future__ import annotations
+
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:  # pydantic only where params.yaml is read: this module runs without it
+    from .params import Params
 
 # the hub id of each packaged model (svdcore.model.PACKAGED_MODELS)
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -37,23 +43,23 @@ def rank_summary(ranks: dict, shapes: dict) -> list[dict]:
     return rows
 
 
-def model_card(params: dict, recipe: dict, allocation: dict, save_dtype: str, git_sha: str) -> str:
+def model_card(params: Params, recipe: dict, allocation: dict, save_dtype: str, git_sha: str) -> str:
     """The card's text. `recipe`: Recipe.describe(); `allocation`: artifacts/ranks.json."""
-    compress, calibration = params["compress"], params["calibration"]
-    base = hub_id(params["model"]["name"])
+    compress, calibration = params.compress, params.calibration
+    base = hub_id(params.model.name)
     header = {**({"base_model": base} if base else {}), "library_name": "transformers",
-              "pipeline_tag": "text-generation", "tags": ["svdcore", "low-rank", "svd", compress["method"]]}
+              "pipeline_tag": "text-generation", "tags": ["svdcore", "low-rank", "svd", compress.method]}
     rows = "\n".join(
         f"| `{r['linear']}` | {r['count']} | {r['full_rank']} | "
         + (f"{r['rank'][0]} / {r['rank'][1]:g} / {r['rank'][2]}" if r["rank"] else "-") + f" | {r['dense']} |"
         for r in rank_summary(allocation["ranks"], allocation["shapes"]))
     knobs = ", ".join(f"{k} {v}" for k, v in recipe.items() if v is not None and v is not False)
-    reproduce = yaml.safe_dump({k: params[k] for k in REPRODUCING if k in params}, sort_keys=False).rstrip()
+    reproduce = yaml.safe_dump({k: getattr(params, k).model_dump() for k in REPRODUCING}, sort_keys=False).rstrip()
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).rstrip()}
 ---
 
-# {base or params['model']['name']}, compressed by svdcore ({compress['method']}, ratio {compress['ratio']})
+# {base or params.model.name}, compressed by svdcore ({compress.method}, ratio {compress.ratio})
 
 Every decoder linear that svdcore compressed is a `LowRankLinear`: two plain `nn.Linear` modules,
 `reduce` (in -> rank) then `expand` (rank -> out, with the bias). Everything else (embeddings,
@@ -61,11 +67,11 @@ head, norms, attention code) is the original model's.
 
 | | |
 | --- | --- |
-| method | `{compress['method']}` ({knobs}) |
-| target ratio | {compress['ratio']} of the decoder-linear parameters removed |
+| method | `{compress.method}` ({knobs}) |
+| target ratio | {compress.ratio} of the decoder-linear parameters removed |
 | achieved | {allocation['linear_ratio']:.4f} removed ({allocation['linear_params_compressed']:,} of {allocation['linear_params_dense']:,} decoder-linear parameters kept) |
 | allocation | {allocation['strategy']}, ranks a multiple of {allocation['rank_multiple']} |
-| calibration | {calibration['samples']} windows of {calibration['seqlen']} tokens of `{calibration['dataset']}` ({calibration['sampler']} sampler, seed {calibration['seed']}) |
+| calibration | {calibration.samples} windows of {calibration.seqlen} tokens of `{calibration.dataset}` ({calibration.sampler} sampler, seed {calibration.seed}) |
 | stored as | {save_dtype} |
 
 Ranks per kind of linear (min / median / max over the layers; "dense" counts the ones left whole):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
 
 JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # relative to mean(diag G)
 EIGEN_FLOOR = 1e-10  # eigen route: directions with λ <= EIGEN_FLOOR * λ_max carry no energy
@@ -121,7 +120,7 @@ def choose_route(route: str, m: int, n: int) -> str:
     if route == "auto":
         return "eigh-out" if m <= n else "eigh-in"
     if route not in ROUTES:
-        raise UserError(f"compress.route: expected one of {', '.join(ROUTES)}, got {route!r}")
+        raise ValueError(f"route {route!r} is none of {ROUTES}")  # params.yaml's types check compress.route
     return route
 
 

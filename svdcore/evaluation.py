@@ -1,6 +1,9 @@
 """Everything the evaluate stages measure about one model: `measure` is the one path from
 params.yaml's evaluate / zeroshot / generate sections to metrics, for the pipeline and the sweep."""
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .counts import parameter_counts
 from .data import eval_windows, load_text, tokenize
@@ -8,6 +11,9 @@ from .generation import generate_samples
 from .model import check_seqlen
 from .perplexity import perplexity
 from .zeroshot import evaluate_zeroshot
+
+if TYPE_CHECKING:  # pydantic only where params.yaml is read: this module runs without it
+    from .params import Params
 
 
 def directory_bytes(path) -> int:
@@ -36,14 +42,14 @@ def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windo
 MEASURES = ("perplexity", "zeroshot", "samples")
 
 
-def streams_by_layer(params: dict) -> bool:
+def streams_by_layer(params: Params) -> bool:
     """Whether an evaluation can read the model a layer at a time (model.load by-layer): only its
     streamed perplexity can; zero-shot scoring and generation need the whole model."""
-    return (params["model"]["load"] == "by-layer" and params["evaluate"]["stream_layers"]
-            and not params["zeroshot"]["tasks"] and not params["generate"]["prompts"])
+    return (params.model.load == "by-layer" and params.evaluate.stream_layers
+            and not params.zeroshot.tasks and not params.generate.prompts)
 
 
-def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES, by_layer=None) -> tuple[dict, dict]:
+def measure(model, tokenizer, params: Params, device, label: str, what=MEASURES, by_layer=None) -> tuple[dict, dict]:
     """(deterministic metrics, runtime figures) of one model, as params.yaml asks: the perplexity of
     `evaluate` (with the parameter counts), the zero-shot scores of `zeroshot`, the greedy
     continuations of `generate` (metrics["samples"]), whichever of them `what` names. `by_layer`:
@@ -51,16 +57,16 @@ def measure(model, tokenizer, params: dict, device, label: str, what=MEASURES, b
     unknown = set(what) - set(MEASURES)
     if unknown:
         raise ValueError(f"measure: unknown {sorted(unknown)}; expected some of {MEASURES}")
-    ev = params["evaluate"]
-    metrics, runtime = evaluate_model(model, tokenizer, ev["datasets"], ev["seqlen"], ev["max_windows"],
-                                      ev["batch_size"], device, label, ev["stream_layers"], by_layer) \
+    ev = params.evaluate
+    metrics, runtime = evaluate_model(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows,
+                                      ev.batch_size, device, label, ev.stream_layers, by_layer) \
         if "perplexity" in what else (parameter_counts(model), {})  # evaluate_model counts them too
     if "zeroshot" in what:
-        zs = params["zeroshot"]
-        metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs["tasks"], zs["limit"],
-                                                                  zs["batch_size"], device)
+        zs = params.zeroshot
+        metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs.tasks, zs.limit,
+                                                                  zs.batch_size, device)
         runtime.update(zeroshot_runtime)
     if "samples" in what:
-        gen = params["generate"]
-        metrics["samples"] = generate_samples(model, tokenizer, gen["prompts"], gen["max_new_tokens"], device)
+        gen = params.generate
+        metrics["samples"] = generate_samples(model, tokenizer, gen.prompts, gen.max_new_tokens, device)
     return metrics, runtime

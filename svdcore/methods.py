@@ -106,34 +106,24 @@ def recipe(method: str, metric: str | None = None, alpha: float = 0.5, update: b
            residual_metric: str | None = None, last_layers: int | None = None, *,
            anchor: float | bool | None = None, refine_steps: int | None = None, refine_lr: float = REFINE_LR,
            refine_holdout: float = REFINE_HOLDOUT) -> Recipe:
-    """The preset of `method`, each knob given (not None) overriding it; incompatible knobs stop.
-    `anchor` False turns the preset's anchor off."""
-    if method not in PRESETS:
-        raise UserError(f"compress.method: expected one of {', '.join(PRESETS)}, got {method!r}")
+    """The preset of `method`, each knob given (not None) overriding it; knobs that do not fit
+    together stop. `anchor` False turns the preset's anchor off. The values themselves (a known
+    method, metric and allocation, shares in range) are params.yaml's types' to check
+    (svdcore.params), which run these rules too: a recipe from checked params never stops here."""
     preset = {**KNOB_DEFAULTS, **PRESETS[method]}
     metric = metric or preset["metric"]
     allocation = allocation or preset["allocation"]
     fraction = preset["residual_fraction"] if residual_fraction is None else residual_fraction
     first = residual_metric or preset["residual_metric"]
-    for key, value in (("metric", metric), ("residual_metric", first)):
-        if value is not None and value not in METRICS:
-            raise UserError(f"compress.{key}: expected one of {', '.join(METRICS)} (or null for the preset), got {value!r}")
-    if allocation not in ALLOCATIONS:
-        raise UserError(f"compress.allocation: expected one of {', '.join(ALLOCATIONS)} (or null for the preset), "
-                        f"got {allocation!r}")
-    if not 0 <= fraction < 1:
-        raise UserError(f"compress.residual_fraction: expected a share of the rank in [0, 1), got {fraction!r}")
     if fraction and first is None:
-        raise UserError("compress.residual_metric: a residual stage (residual_fraction > 0) needs the metric of "
-                        f"its first stage, one of {', '.join(METRICS)}")
+        raise UserError("compress.residual_fraction: a residual stage (residual_fraction > 0) needs the metric of "
+                        f"its first stage, compress.residual_metric, one of {', '.join(METRICS)}")
     if fraction and first == metric:
         raise UserError(f"compress.residual_metric: both stages use {metric}, which is exactly a single "
                         f"truncation at the full rank (Eckart-Young); pick another metric or residual_fraction 0")
     if last_layers is not None and allocation != "last-k":
         raise UserError(f"compress.last_layers: applies to allocation last-k only (allocation is {allocation})")
     anchor = preset["anchor"] if anchor is None else (None if anchor is False else float(anchor))
-    if anchor is not None and not 0 <= anchor <= 1:
-        raise UserError(f"compress.anchor: expected false (off) or a blend beta in [0, 1], got {anchor!r}")
     if anchor is not None and update:
         raise UserError("compress.update: the anchored closed form already fits A and B jointly on the shifted "
                         "inputs, so the update would change nothing; set compress.update false or compress.anchor false")
@@ -142,9 +132,10 @@ def recipe(method: str, metric: str | None = None, alpha: float = 0.5, update: b
                   anchor, steps, refine_lr, refine_holdout)
 
 
-def recipe_from_params(compress: dict) -> Recipe:
-    refine = compress["refine"]
-    return recipe(compress["method"], compress["metric"], compress["alpha"], compress["update"],
-                  compress["allocation"], compress["residual_fraction"], compress["residual_metric"],
-                  compress["last_layers"], anchor=compress["anchor"], refine_steps=refine["steps"],
-                  refine_lr=refine["lr"], refine_holdout=refine["holdout"])
+def recipe_from_params(compress) -> Recipe:
+    """The recipe of params.yaml's compress section (svdcore.params.Compress)."""
+    refine = compress.refine
+    return recipe(compress.method, compress.metric, compress.alpha, compress.update, compress.allocation,
+                  compress.residual_fraction, compress.residual_metric, compress.last_layers,
+                  anchor=compress.anchor, refine_steps=refine.steps, refine_lr=refine.lr,
+                  refine_holdout=refine.holdout)

@@ -3,7 +3,9 @@
 One pydantic model per section (extra keys forbidden, strict types: YAML's `0.2` is a number, its
 `"0.2"` or `true` is not), with the ranges and choices in the field types. A bad value stops with
 one line naming the key, the value and what is allowed: `_message` turns pydantic's first error
-into it, from the field's `expected` text (or, for integers, the bound the error names).
+into it, from the field's `expected` text (or, for integers, the bound the error names). The rules
+between compress's knobs are svdcore.methods.recipe's, run here too, so that they stop before any
+work. `load` gives the stages the typed values (Params); sweep/params.yaml is stages.sweep_params'.
 """
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,32 +16,34 @@ from pydantic_core import PydanticCustomError
 from .choices import (ALLOCATIONS, DTYPES, LOADS, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
                       ZEROSHOT_TASKS)
 from .errors import UserError
+from .methods import recipe_from_params
 
 OWN = "the method's own"  # what null means for a knob of compress
-RULE = "svdcore"  # the error type of _rule
+RULE = "svdcore"  # the error type of rule()
+SAID = "svdcore-said"  # the error type of a rule whose message names its own key (Compress's knobs)
 
 
-def _field(expected: str | None = None, null: str | None = None, hint: str | None = None, **constraints):
+def described(expected: str | None = None, null: str | None = None, hint: str | None = None, **constraints):
     """A field's constraints, and what its error line says: "expected <expected>, got <value>"
     (for integers, built from the bound the error names), then "(or null for <null>)" when null
     is allowed, then "(<hint>)"."""
     return Field(json_schema_extra={"expected": expected, "null": null, "hint": hint}, **constraints)
 
 
-def _rule(message: str) -> PydanticCustomError:
+def rule(message: str) -> PydanticCustomError:
     """The error of a rule of our own, said as it is (after the key, when it is a field's)."""
     return PydanticCustomError(RULE, message)
 
 
 def _choice(options):
-    return Annotated[Literal[tuple(options)], _field(f"one of {', '.join(options)}")]
+    return Annotated[Literal[tuple(options)], described(f"one of {', '.join(options)}")]
 
 
-Text = Annotated[str, _field("a non-empty string", pattern=r"\S")]
-Count = Annotated[int, _field(ge=1)]  # an integer >= 1
-Seed = Annotated[int, _field(ge=0)]
-Flag = Annotated[bool, _field("true or false")]
-Ratio = Annotated[float, _field("a number in [0, 1) (the fraction of decoder-linear parameters removed)", ge=0, lt=1)]
+Text = Annotated[str, described("a non-empty string", pattern=r"\S")]
+Count = Annotated[int, described(ge=1)]  # an integer >= 1
+Seed = Annotated[int, described(ge=0)]
+Flag = Annotated[bool, described("true or false")]
+Ratio = Annotated[float, described("a number in [0, 1) (the fraction of decoder-linear parameters removed)", ge=0, lt=1)]
 
 
 class Section(BaseModel):
@@ -56,7 +60,7 @@ class Calibration(Section):
     dataset: Text
     sampler: _choice(SAMPLERS)
     samples: Count
-    seqlen: Annotated[int, _field(ge=8)]
+    seqlen: Annotated[int, described(ge=8)]
     seed: Seed
 
 
@@ -66,30 +70,39 @@ class Covariances(Section):
 
 
 class Refine(Section):
-    steps: Annotated[int | None, _field(null=OWN, ge=0)]
-    lr: Annotated[float, _field("a learning rate in (0, 1]", hint="YAML reads 2e-4 as text: write 2.0e-4", gt=0, le=1)]
-    holdout: Annotated[float, _field("a share of the calibration windows in [0, 0.5] (0: none held out, no early "
+    steps: Annotated[int | None, described(null=OWN, ge=0)]
+    lr: Annotated[float, described("a learning rate in (0, 1]", hint="YAML reads 2e-4 as text: write 2.0e-4", gt=0, le=1)]
+    holdout: Annotated[float, described("a share of the calibration windows in [0, 0.5] (0: none held out, no early "
                                      "stopping)", ge=0, le=0.5)]
 
 
 class Compress(Section):
     ratio: Ratio
     method: _choice(METHODS)
-    metric: Annotated[_choice(METRICS) | None, _field(f"one of {', '.join(METRICS)}", null=OWN)]
-    alpha: Annotated[float, _field("a number in (0, 1] (the exponent of mean |x|)", gt=0, le=1)]
+    metric: Annotated[_choice(METRICS) | None, described(f"one of {', '.join(METRICS)}", null=OWN)]
+    alpha: Annotated[float, described("a number in (0, 1] (the exponent of mean |x|)", gt=0, le=1)]
     update: Flag
-    allocation: Annotated[_choice(ALLOCATIONS) | None, _field(f"one of {', '.join(ALLOCATIONS)}", null=OWN)]
-    residual_fraction: Annotated[float | None, _field("a number in [0, 1) (the share of each rank given to the "
+    allocation: Annotated[_choice(ALLOCATIONS) | None, described(f"one of {', '.join(ALLOCATIONS)}", null=OWN)]
+    residual_fraction: Annotated[float | None, described("a number in [0, 1) (the share of each rank given to the "
                                                       "first stage)", null=OWN, ge=0, lt=1)]
-    residual_metric: Annotated[_choice(METRICS) | None, _field(f"one of {', '.join(METRICS)}", null=OWN)]
-    last_layers: Annotated[int | None, _field(null="the rule of svdcore.methods.last_layers_rule", ge=1)]
+    residual_metric: Annotated[_choice(METRICS) | None, described(f"one of {', '.join(METRICS)}", null=OWN)]
+    last_layers: Annotated[int | None, described(null="the rule of svdcore.methods.last_layers_rule", ge=1)]
     route: _choice(ROUTES)
     rank_multiple: Count
-    anchor: Annotated[Literal[False] | Annotated[float, Field(ge=0, le=1)] | None, _field(
+    anchor: Annotated[Literal[False] | Annotated[float, Field(ge=0, le=1)] | None, described(
         "null (the method's own), false (off: the dense model's statistics) or a blend beta in [0, 1] (0: "
         "whitening on the shifted inputs, 1: fit the dense outputs)")]
     save_dtype: _choice(DTYPES)
     refine: Refine
+
+    @model_validator(mode="after")
+    def _knobs_fit_together(self):
+        """The rules between knobs (svdcore.methods.recipe's), checked with the rest: before any work."""
+        try:
+            recipe_from_params(self)
+        except UserError as e:
+            raise PydanticCustomError(SAID, str(e)) from None
+        return self
 
 
 class Quantize(Section):
@@ -102,15 +115,15 @@ class Sensitivity(Section):
 
 
 class Evaluate(Section):
-    datasets: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a non-empty list of names", min_length=1)]
-    seqlen: Annotated[int, _field(ge=8)]
+    datasets: Annotated[list[Annotated[str, Field(pattern=r"\S")]], described("a non-empty list of names", min_length=1)]
+    seqlen: Annotated[int, described(ge=8)]
     max_windows: Seed
     batch_size: Count
     stream_layers: Flag
 
 
 class Zeroshot(Section):
-    tasks: Annotated[list[str], _field(f"a list of task names ({', '.join(ZEROSHOT_TASKS)}), or [] for none")]
+    tasks: Annotated[list[str], described(f"a list of task names ({', '.join(ZEROSHOT_TASKS)}), or [] for none")]
     limit: Seed
     batch_size: Count
 
@@ -119,22 +132,22 @@ class Zeroshot(Section):
     def _known_and_distinct(cls, tasks):
         for task in tasks:
             if task not in ZEROSHOT_TASKS:
-                raise _rule(f"unknown task {task!r}; expected some of {', '.join(ZEROSHOT_TASKS)}")
+                raise rule(f"unknown task {task!r}; expected some of {', '.join(ZEROSHOT_TASKS)}")
         if len(set(tasks)) != len(tasks):
-            raise _rule(f"each task at most once, got {tasks!r}")
+            raise rule(f"each task at most once, got {tasks!r}")
         return tasks
 
 
 class Generate(Section):
     prompts: Annotated[list[Annotated[str, Field(pattern=r"\S")]],
-                       _field("a list of non-empty prompt strings (or [] for none)")]
+                       described("a list of non-empty prompt strings (or [] for none)")]
     max_new_tokens: Count
 
 
 class Distributed(Section):
     nproc_per_node: Count
     nnodes: Count
-    rdzv_endpoint: Annotated[str, _field("host:port of the rendezvous (localhost:0: a free port, one machine)",
+    rdzv_endpoint: Annotated[str, described("host:port of the rendezvous (localhost:0: a free port, one machine)",
                                          pattern=r"^[^\s:]+:\d+$")]
 
 
@@ -143,7 +156,7 @@ class Mlflow(Section):
 
 
 class Params(Section):
-    device: Annotated[str, _field("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
+    device: Annotated[str, described("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
     model: Model
     calibration: Calibration
     covariances: Covariances
@@ -177,6 +190,8 @@ def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
         return f"{key}: unknown key; allowed here: {', '.join(node.model_fields)}"
     if kind == "model_type":
         return f"{key}: expected a mapping, got {value!r}"
+    if kind == SAID:
+        return error["msg"]
     if kind == RULE:  # a field's rule says its key; a model's rule names what it is about itself
         return f"{key}: {error['msg']}" if names else error["msg"]
     if info is None:
@@ -206,55 +221,13 @@ def check(model: type[BaseModel], values, prefix: str = ""):
 
 
 def validate(params: dict) -> Params:
-    """Raise UserError on the first unknown key, missing key or bad value of params.yaml."""
+    """params.yaml's values, typed; UserError on the first unknown key, missing key or bad value."""
     return check(Params, params)
 
 
-def sweep_compress(compress: dict, method: str, ratio) -> dict:
-    """The compress params of one sweep point: `method` is a preset, or a preset with the
-    closed-form update ("svd-llm+update"); its knobs are the preset's (a sweep compares presets),
-    the rest (route, rank_multiple, alpha) are the main params'."""
-    name, plus, extra = method.partition("+")
-    if plus and extra != "update":
-        raise UserError(f"sweep methods: {method!r}: expected a preset, optionally followed by +update")
-    if name not in METHODS:
-        raise UserError(f"sweep methods: expected one of {', '.join(METHODS)}, got {name!r}")
-    return {**compress, "method": name, "ratio": ratio, "metric": None, "allocation": None, "update": bool(plus),
-            "residual_fraction": None, "residual_metric": None, "last_layers": None, "anchor": None,
-            "refine": {**compress.get("refine", {}), "steps": None}}
-
-
-class Sweep(Section):
-    """sweep/params.yaml: methods (sweep_compress), ratios in (0, 1), the methods also scored
-    zero-shot (some of the methods), the MLflow experiment."""
-    methods: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a non-empty list of names", min_length=1)]
-    ratios: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], _field(
-        "a non-empty list of ratios in (0, 1) (0 is the dense model, already in the report)", min_length=1)]
-    zeroshot_methods: Annotated[list[Annotated[str, Field(pattern=r"\S")]], _field("a list of names")]
-    experiment: Text
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        for method in self.methods:
-            try:
-                sweep_compress({}, method, self.ratios[0])
-            except UserError as e:
-                raise _rule(str(e)) from None
-        stray = [m for m in self.zeroshot_methods if m not in self.methods]
-        if stray:
-            raise _rule(f"sweep: zeroshot_methods must be some of methods {self.methods}, got {stray}")
-        if len(set(self.methods)) < len(self.methods) or len(set(self.ratios)) < len(self.ratios):
-            raise _rule(f"sweep: methods and ratios must not repeat, got {self.methods} x {self.ratios}")
-        return self
-
-
-def validate_sweep(sweep: dict) -> Sweep:
-    return check(Sweep, sweep, "sweep ")
-
-
-def load(path="params.yaml", check=validate) -> dict:
-    """Read a parameters file and `check` it (params.yaml's schema, or validate_sweep); the values
-    as read, once checked."""
+def load(path="params.yaml", check=validate):
+    """Read a parameters file and `check` it: params.yaml's typed values (Params), or what another
+    `check` returns for its file."""
     import yaml
 
     path = Path(path)
@@ -264,5 +237,4 @@ def load(path="params.yaml", check=validate) -> dict:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    check(params)
-    return params
+    return check(params)

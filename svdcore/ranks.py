@@ -197,7 +197,7 @@ def allocate(shapes: dict[str, list[int]], ratio: float, allocation: str, spectr
         ranks, solve = sensitivity_ranks(shapes, costs, ratio, multiple)
         return ranks, {"solve": solve} if solve else {}
     else:
-        raise UserError(f"compress.allocation: unknown strategy {allocation!r}")
+        raise ValueError(f"allocation {allocation!r} is none of methods.ALLOCATIONS")  # params.yaml's types check it
     return round_to_multiple(shapes, ranks, multiple), decided
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages, wherever pytest runs
+
+from stages.pipeline import ROOT  # noqa: E402
 
 
 def tiny_tokenizer(vocab_size: int = 320):
@@ -86,21 +87,31 @@ def gguf_cache_dir(tmp_path_factory):
         os.environ["SVDCORE_CACHE"] = previous
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once a run: under pytest-xdist, in the folder the workers
+    share, by the first worker that needs it while the others wait on a lock."""
+    shared = shared_dir(tmp_path_factory)
+    if shared is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed building left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with its tokenizer, usable as model.name. Under pytest-xdist the workers
     share one folder: the path is written into the model cards of the repositories they compare."""
-    shared = shared_dir(tmp_path_factory)
-    if shared is None:
-        return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-    from filelock import FileLock
-
-    with FileLock(str(shared / "tiny-llama.lock")):
-        path, done = shared / "tiny-llama", shared / "tiny-llama.done"
-        if not done.is_file():
-            save_tiny_llama(path)
-            done.touch()
-    return path
+    return built_once(tmp_path_factory, "tiny-llama", save_tiny_llama)
 
 
 def save_tiny_llama(path: Path) -> Path:
@@ -108,16 +119,6 @@ def save_tiny_llama(path: Path) -> Path:
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def pipeline_stages() -> list[tuple[str, str]]:
-    """(stage name, module under stages/) of every stage of dvc.yaml, in its order."""
-    import re
-
-    import yaml
-
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return [(name, re.match(r"python -m stages\.(\w+)", stage["cmd"]).group(1)) for name, stage in stages.items()]
 
 
 def sh(args, cwd, env):
@@ -152,20 +153,12 @@ def reproduced(tmp_path_factory, tiny_model_dir) -> tuple[Path, str]:
     """A dvc_repo after one full `dvc repro`, and the log of that run. The tests that need a
     pipeline that has run start from a copy of it (copy_repo) rather than reproduce it again.
     Under pytest-xdist the workers share one: the first to need it builds it, the others wait."""
-    shared = shared_dir(tmp_path_factory)
-    if shared is None:
-        work, env, dvc = dvc_repo(tmp_path_factory.mktemp("reproduced") / "repo", tiny_model_dir)
-        return work, sh(dvc + ["repro"], work, env)
-    from filelock import FileLock
+    def build(folder):
+        work, env, dvc = dvc_repo(folder / "repo", tiny_model_dir)
+        (folder / "repro.log").write_text(sh(dvc + ["repro"], work, env))
 
-    log = shared / "reproduced.log"
-    with FileLock(str(shared / "reproduced.lock")):
-        work = shared / "reproduced" / "repo"
-        if not log.is_file():
-            shutil.rmtree(work.parent, ignore_errors=True)  # what a worker that failed building left
-            work, env, dvc = dvc_repo(work, tiny_model_dir)
-            log.write_text(sh(dvc + ["repro"], work, env))
-    return work, log.read_text()
+    folder = built_once(tmp_path_factory, "reproduced", build)
+    return folder / "repo", (folder / "repro.log").read_text()
 
 
 def copy_repo(reproduced, dest: Path) -> tuple[Path, dict, list[str]]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ARCHITECTURES, ROOT, logits_in_fresh_process, pipeline_stages, tiny_causal_lm, tiny_tokenizer
+from conftest import ARCHITECTURES, ROOT, logits_in_fresh_process, tiny_causal_lm, tiny_tokenizer
+from stages.pipeline import stage_modules
 from svdcore.covariances import linear_shapes, save_layer
 from svdcore.compress import collect_grams, compress_model
 from svdcore.lowrank import LowRankLinear, load_compressed
@@ -19,7 +20,7 @@ from svdcore.model import decoder_layers, layer_linears, weight_matrix
 from svdcore.ranks import uniform_ranks
 
 CPU = torch.device("cpu")
-STAGES = pipeline_stages()
+STAGES = stage_modules()
 
 
 @pytest.fixture(scope="module")

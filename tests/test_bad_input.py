@@ -139,10 +139,10 @@ def test_stage_refuses_ranks_made_for_another_ratio_or_multiple(tmp_path, monkey
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts/ranks.json").write_text(json.dumps({"ratio": 0.5, "ranks": {}, "shapes": {}}))
     with pytest.raises(UserError, match=r"allocated for compress.ratio 0.5, params.yaml says 0.2; rerun allocate-ranks"):
-        truncate_and_update.work(DEFAULTS)
+        truncate_and_update.work(params_module.validate(DEFAULTS))
     (tmp_path / "artifacts/ranks.json").write_text(json.dumps({"ratio": 0.2, "rank_multiple": 64, "ranks": {}}))
     with pytest.raises(UserError, match=r"allocated for compress.rank_multiple 64, params.yaml says 1; rerun"):
-        truncate_and_update.work(DEFAULTS)
+        truncate_and_update.work(params_module.validate(DEFAULTS))
 
 
 def test_windows_longer_than_the_context_are_refused(tmp_path, monkeypatch, tiny_model_dir):
@@ -152,7 +152,7 @@ def test_windows_longer_than_the_context_are_refused(tmp_path, monkeypatch, tiny
     params = with_value("model.name", str(tiny_model_dir))
     params["calibration"]["seqlen"] = 256
     with pytest.raises(UserError, match="calibration.seqlen: 256 tokens per window, but the model's context is 128"):
-        collect_calibration.work(params)
+        collect_calibration.work(params_module.validate(params))
     assert not (tmp_path / "artifacts").exists()
     with pytest.raises(UserError, match="evaluate.seqlen: 200 tokens per window, but the model's context is 128"):
         evaluate_model(tiny_causal_lm("gpt2"), None, ["wikitext2"], 200, 1, 1, CPU, "dense")
@@ -166,7 +166,7 @@ def test_calibration_from_another_tokenizer_is_refused(tmp_path, monkeypatch, ti
     (tmp_path / "artifacts").mkdir()
     save_file({"input_ids": torch.full((2, 16), 40000)}, str(tmp_path / "artifacts/calibration.safetensors"))
     with pytest.raises(UserError, match=r"token id 40000 .* outside the model's vocabulary \(\d+\)"):
-        compute_covariances.work(with_value("model.name", str(tiny_model_dir)))
+        compute_covariances.work(params_module.validate(with_value("model.name", str(tiny_model_dir))))
     assert not (tmp_path / "artifacts/stats").exists()
 
 

@@ -4,7 +4,7 @@ import json
 import torch
 
 from bench import compress, infer, kernels, ratio_change
-from stages.project import stage_names
+from stages.pipeline import stage_names
 
 
 def test_compress_bench_runs_both_modes_and_reports_every_phase(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ARCHITECTURES, ROOT, pipeline_stages, stats_dir, tiny_causal_lm, tiny_tokenizer
+from conftest import ARCHITECTURES, ROOT, stats_dir, tiny_causal_lm, tiny_tokenizer
+from stages.pipeline import stage_modules
 from svdcore import checkpoint as ckpt
 from svdcore.checkpoint import ByLayer, ShardWriter, load_by_layer
 from svdcore.compress import collect_grams, compress_model
@@ -176,7 +177,7 @@ def test_the_stages_by_layer_write_what_they_write_whole(tmp_path, monkeypatch):
         monkeypatch.chdir(work)
         params["model"]["load"] = load
         (work / "params.yaml").write_text(yaml.safe_dump(params))
-        for name, module in pipeline_stages():
+        for name, module in stage_modules():
             run(name, importlib.import_module(f"stages.{module}").work)
         if load == "whole":
             assert not streamed

@@ -65,7 +65,7 @@ def test_the_token_sampler_is_random_windows_of_the_tokenized_text():
                        random_windows(given, 5, 32, 0))
     b = calibration_windows(char_tokenizer, TEXT, "chars", 5, 32, 0)
     assert torch.equal(b, char_offset_windows(char_tokenizer, TEXT, 5, 32, 0)) and not torch.equal(a, b)
-    with pytest.raises(UserError, match=r"^calibration.sampler: expected one of tokens, chars, got 'bytes'$"):
+    with pytest.raises(ValueError, match=r"sampler 'bytes' is none of"):  # the user's: params' types (below)
         calibration_windows(char_tokenizer, TEXT, "bytes", 5, 32, 0)
 
 

@@ -6,11 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+from stages.pipeline import MAIN, SWEEP, stages_of
+
 PACKAGES = ("svdcore", "stages")  # what a stage's command can import from the project
-PIPELINES = (ROOT / "dvc.yaml", ROOT / "sweep/dvc.yaml")
+PIPELINES = (MAIN, SWEEP)
 
 
 def module_file(name: str) -> Path | None:
@@ -57,9 +58,9 @@ def closure(module: str) -> set[Path]:
 def stages():
     """(pipeline, stage name, its root-relative deps, the module its command runs)."""
     for pipeline in PIPELINES:
-        spec = yaml.safe_load(pipeline.read_text())
-        base = (pipeline.parent / spec["stages"][next(iter(spec["stages"]))].get("wdir", ".")).resolve()
-        for name, stage in spec["stages"].items():
+        spec = stages_of(pipeline)
+        base = (pipeline.parent / spec[next(iter(spec))].get("wdir", ".")).resolve()
+        for name, stage in spec.items():
             wdir = (pipeline.parent / stage.get("wdir", ".")).resolve()
             assert wdir == base == ROOT, f"{pipeline.name}:{name}: commands run from the repository root"
             module = re.match(r"python -m ([\w.]+)", stage["cmd"])
@@ -97,7 +98,7 @@ def test_the_closure_follows_lazy_and_relative_imports():
 def rewrite_deps(pipeline: Path) -> None:
     """Replace the Python files of every stage's deps list in `pipeline` by its import closure (the
     command's module first, then stages/, then svdcore/), keeping the other entries and comments."""
-    spec = yaml.safe_load(pipeline.read_text())
+    spec = {"stages": stages_of(pipeline)}
     lines, out, stage, i = pipeline.read_text().split("\n"), [], None, 0
     while i < len(lines):
         line = lines[i]

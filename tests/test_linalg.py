@@ -172,9 +172,10 @@ def test_bf16_inputs_are_summed_in_fp32_without_loss_beyond_the_summation_order(
     assert torch.linalg.norm(gram.double() - exact) / torch.linalg.norm(exact) < 1e-6
 
 
-def test_an_unknown_route_is_a_user_error_naming_the_choices():
+def test_an_unknown_route_is_refused_not_taken_for_another():
+    # the user's compress.route is checked by params.yaml's types (test_params_and_errors); a library
+    # caller's unknown route must not silently fall through to one of the routes
     from svdcore.decompose import choose_route
-    from svdcore.errors import UserError
 
-    with pytest.raises(UserError, match=r"compress.route: expected one of auto, svd, eigh-out, eigh-in, got 'qr'"):
+    with pytest.raises(ValueError, match=r"route 'qr' is none of \('auto', 'svd', 'eigh-out', 'eigh-in'\)"):
         choose_route("qr", 4, 8)

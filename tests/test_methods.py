@@ -1,8 +1,10 @@
 """The method family: each method's defining identity, presets and knobs, the closed-form update."""
+import copy
+
 import pytest
 import torch
 
-from conftest import SHAPES, output_error, random_problem, stats_dir, tiny_llama
+from conftest import DEFAULTS, SHAPES, output_error, random_problem, stats_dir, tiny_llama
 from svdcore.compress import compress_model, refit_a
 from svdcore.covariances import linear_shapes
 from svdcore.decompose import eigen_whitening, truncate_scaled, truncate_svd, truncate_whitened, whitening
@@ -11,6 +13,7 @@ from svdcore.lowrank import LowRankLinear
 from svdcore.fisher import fisher_scales
 from svdcore.methods import METRICS, PRESETS, Recipe, last_layers_rule, recipe, split_rank
 from svdcore.ranks import uniform_ranks
+from svdcore import params as params_module
 
 CPU = torch.device("cpu")
 
@@ -143,18 +146,22 @@ def test_presets_and_knobs():
     assert (mixed.allocation, mixed.residual_metric, mixed.update, mixed.needs_stats) == ("v2", "activation", True, True)
     assert recipe("svd", residual_fraction=0.5, residual_metric="fisher").needs_fisher
     assert not recipe("ressvd", residual_fraction=0).residual_metric  # 0 turns the stage off
-    for args, message in [
-        (("svdd",), "compress.method: expected one of svd, fwsvd, asvd, svd-llm, svd-llm-v2, ressvd, aa-svd, best, "
-                    "got 'svdd'"),
-        (("svd", "fisher-ish"), "compress.metric: expected one of plain, fisher, activation, whitening"),
-        (("svd", None, 0.5, False, "greedy"), "compress.allocation: expected one of uniform, v2, last-k, sensitivity"),
-        (("svd-llm", None, 0.5, False, None, 1.0), r"compress.residual_fraction: expected a share of the rank in \[0, 1\)"),
-        (("svd-llm", None, 0.5, False, None, 0.5), "compress.residual_metric: a residual stage"),
-        (("svd-llm", None, 0.5, False, None, 0.5, "whitening"), "both stages use whitening, which is exactly a single"),
-        (("svd-llm", None, 0.5, False, "v2", None, None, 4), "compress.last_layers: applies to allocation last-k only"),
+    # knobs that do not fit together stop in recipe(), and so already when params.yaml is read, with
+    # the knob's key first (each value alone is params.yaml's types' to check: test_params_and_errors)
+    for knobs, message in [
+        ({"residual_fraction": 0.5}, r"^compress.residual_fraction: a residual stage \(residual_fraction > 0\) "
+                                     r"needs the metric of its first stage, compress.residual_metric"),
+        ({"residual_fraction": 0.5, "residual_metric": "whitening"},
+         "^compress.residual_metric: both stages use whitening, which is exactly a single"),
+        ({"allocation": "v2", "last_layers": 4}, "^compress.last_layers: applies to allocation last-k only"),
+        ({"anchor": 0.5, "update": True}, "^compress.update: the anchored closed form already fits A and B jointly"),
     ]:
         with pytest.raises(UserError, match=message):
-            recipe(*args)
+            recipe("svd-llm", **knobs)
+        params = copy.deepcopy(DEFAULTS)
+        params["compress"].update(method="svd-llm", **knobs)
+        with pytest.raises(UserError, match=message):
+            params_module.validate(params)
     with pytest.raises(UserError, match="the fisher metric needs the Fisher scales"):
         compress_model(tiny_llama(), {}, "fwsvd", None, CPU)
 

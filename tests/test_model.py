@@ -206,6 +206,6 @@ def test_model_card_header_ranks_and_reproduction():
     assert "| `q_proj` | 3 | 64 | 8 / 16 / 30 | 0 |" in card and "0.2012 removed" in card and "`abc123`" in card
     assert "(metric whitening, anchor 0.0) |" in card  # 0 is a value (whitening on X~), not off
     reproduce = yaml.safe_load(card.rsplit("```yaml\n", 1)[1].split("```")[0])
-    assert reproduce["compress"] == params["compress"] and "evaluate" not in reproduce
+    assert reproduce["compress"] == params.compress.model_dump() and "evaluate" not in reproduce
     assert hub_id("org/model") == "org/model" and hub_id("./dir/model") is None and hub_id("/abs/path") is None
     assert hub_id("models/x.gguf") is None and hub_id("tests/conftest.py") is None  # local files, not hub ids

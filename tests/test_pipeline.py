@@ -3,7 +3,8 @@ then in copies of it: ratio changes, the run-cache, MLflow runs, the method-gate
 import json
 import sqlite3
 
-from conftest import copy_repo, pipeline_stages, set_params, sh
+from conftest import copy_repo, set_params, sh
+from stages.pipeline import stage_modules
 
 UPSTREAM = ("collect-calibration", "compute-covariances", "compute-spectra", "compute-fisher")
 
@@ -18,7 +19,7 @@ def mlflow_runs(work):
 
 def test_repro_ratio_change_and_run_cache(tmp_path, reproduced):
     original, first = reproduced  # a first `dvc repro` in a fresh repository: every stage ran
-    for stage, _ in pipeline_stages():
+    for stage, _ in stage_modules():
         assert f"Running stage '{stage}'" in first
     runs, ratios = mlflow_runs(original)
     assert len(runs) == 1 and ratios == ["0.2"]  # one MLflow run, of that evaluation

@@ -2,16 +2,14 @@
 once, its perplexity and zero-shot scores, report, MLflow runs; adding a ratio reruns only the new
 points, and a new zero-shot limit only the zero-shot stages, which compress nothing."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import copy_repo, set_params, sh
+from conftest import ROOT, copy_repo, set_params, sh
 from svdcore.methods import recipe
 from stages.sweep_tables import dvc_plots_definition
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def set_sweep(work, **changes):
@@ -93,7 +91,7 @@ def test_sweep_plots_name_every_method_of_the_sweep_params():
 
 def test_sweep_params_are_checked():
     from svdcore.errors import UserError
-    from svdcore.params import validate_sweep
+    from stages.sweep_params import validate_sweep
 
     sweep = yaml.safe_load((ROOT / "sweep/params.yaml").read_text())
     validate_sweep(sweep)  # the shipped file
