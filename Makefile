@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 repro: $(STAMP)
 	dvc repro
 
-# the suite's tests spread over this many processes (pytest-xdist); most of its time is subprocesses
-# of dvc and the stages, one core each
-TEST_WORKERS ?= 2
+# the suite's tests spread over this many processes (pytest-xdist); about half its time is the
+# subprocesses of dvc and the stages, whose waits a third worker fills (on 2 cores: 408 s with 3
+# workers, 411 s with 4; 455 s with 2, measured before the last two cuts of about 10 s each);
+# tests/conftest.py gives each worker its share of the cores
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	python -m pytest -q -n $(TEST_WORKERS) --dist worksteal

@@ -3,7 +3,6 @@ from pathlib import Path
 
 from svdcore.atomic import read_json
 from svdcore.errors import UserError
-from svdcore.lowrank import load_compressed
 from svdcore.model import resolve_device, resolve_dtype
 from svdcore.params import Params
 
@@ -51,6 +50,8 @@ def load_sweep_model(params: Params, method: str, ratio: float):
     """(model, tokenizer, description, device): a sweep point's saved model, loaded as evaluate loads
     models/compressed (computing in model.dtype), and its compress.json."""
     from transformers import AutoTokenizer
+
+    from svdcore.lowrank import load_compressed  # here: the stages that load no model skip transformers' models
 
     device = resolve_device(params.device)
     directory = sweep_model_dir(method, ratio)

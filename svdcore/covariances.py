@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .model import named_linears
-from .modeling_svdcore import linear_shape
 from .timing import section
 
 
@@ -74,4 +73,6 @@ def load_layer(stats_dir, index: int) -> LayerStats:
 
 def linear_shapes(model) -> dict[str, list[int]]:
     """Every decoder linear by its full module name -> [out_features, in_features]."""
+    from .modeling_svdcore import linear_shape  # here: importing it builds transformers' model classes (2 s)
+
     return {name: list(linear_shape(m)) for name, m in named_linears(model).items()}

@@ -9,7 +9,6 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
-from .modeling_svdcore import LowRankLinear
 
 # What from_pretrained raises for a missing, foreign or damaged checkpoint.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -207,6 +206,8 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     """The linears of one decoder layer, by their name inside the layer, in module order. The two
     factors of a low-rank linear are nn.Linear modules too, but they are one compressed linear, not
     linears of their own: left out."""
+    from .modeling_svdcore import LowRankLinear  # here: importing it builds transformers' model classes (2 s)
+
     low = {name for name, m in layer.named_modules() if isinstance(m, LowRankLinear)}
     return {name: m for name, m in layer.named_modules() if is_linear(m) and name.rpartition(".")[0] not in low}
 

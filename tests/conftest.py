@@ -7,8 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+
+# Under pytest-xdist each worker, and every stage or dvc process it starts, gets its share of the
+# cores: torch's default (a thread per core in every process) oversubscribes them, which made the
+# linear algebra of two workers about 1.5x slower than this. Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, str(_share))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages, wherever pytest runs
 
@@ -185,17 +197,19 @@ def without_svdcore(code: str, scratch: Path) -> str:
     return done.stdout + done.stderr
 
 
-def logits_in_fresh_process(model_dir, ids: torch.Tensor, scratch: Path) -> torch.Tensor:
-    """Logits of `ids` from `model_dir` loaded with trust_remote_code in a new Python process that
-    never imports svdcore."""
+def logits_in_fresh_process(model_dirs: list, ids: torch.Tensor, scratch: Path) -> list[torch.Tensor]:
+    """Logits of `ids` from each of `model_dirs`, loaded with trust_remote_code in one new Python
+    process that never imports svdcore (one process: its imports cost more than the models)."""
     torch.save(ids, scratch / "ids.pt")
     without_svdcore(
         "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()\n"
-        f"torch.save(m(torch.load({str(scratch / 'ids.pt')!r})).logits.detach(), {str(scratch / 'logits.pt')!r})\n",
+        f"ids = torch.load({str(scratch / 'ids.pt')!r})\n"
+        f"for i, path in enumerate({[str(d) for d in model_dirs]!r}):\n"
+        "    m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()\n"
+        f"    torch.save(m(ids).logits.detach(), {str(scratch)!r} + f'/logits-{{i}}.pt')\n",
         scratch)
-    return torch.load(scratch / "logits.pt")
+    return [torch.load(scratch / f"logits-{i}.pt") for i in range(len(model_dirs))]
 
 
 # ---- shared by several test files (tests do not import each other) ----

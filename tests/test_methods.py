@@ -216,7 +216,7 @@ def output_loss(model, stats):
             layer_stats = load_layer(stats, index)
             local = name.split(".", 3)[3]
             gram = layer_stats.grams[layer_stats.shares[local]]
-            d = dense.get_submodule(name).weight.double() - (low.A @ low.B).detach().double()
+            d = dense.get_submodule(name).weight.detach().double() - (low.A @ low.B).detach().double()
             total += float(((d @ gram) * d).sum())
     return total
 

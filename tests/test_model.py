@@ -114,7 +114,7 @@ def test_saved_model_reloads_in_a_fresh_process_with_identical_logits(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(load_compressed(out)(ids).logits, expected, rtol=0, atol=0)
-    torch.testing.assert_close(logits_in_fresh_process(out, ids, tmp_path), expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits_in_fresh_process([out], ids, tmp_path)[0], expected, rtol=0, atol=0)
 
 
 def test_model_without_decoder_layers_is_named():

@@ -62,5 +62,5 @@ def test_readme_experiment_commands_work_in_a_fresh_shell(tmp_path, reproduced):
     assert figures["scheme"] == "int8" and figures["quantized_linears"] == 28  # 2 layers x 7 linears x 2 factors
     assert figures["bytes_on_disk"] < figures["compressed_bytes_on_disk"]
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
-    logits = logits_in_fresh_process(work / "models/quantized", ids, tmp_path)
+    (logits,) = logits_in_fresh_process([work / "models/quantized"], ids, tmp_path)
     assert torch.isfinite(logits).all()
