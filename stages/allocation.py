@@ -1,6 +1,7 @@
 """Ranks from the statistics, for allocate-ranks and for a sweep point's compress stage."""
 from svdcore.atomic import read_json
 from svdcore.methods import Recipe
+from svdcore.params import Compress
 from svdcore.ranks import allocate, parameter_count
 from svdcore.sensitivity import load_costs
 from svdcore.spectra import load_spectra
@@ -9,7 +10,7 @@ LINEARS = "artifacts/linears.json"
 SPECTRA = "artifacts/spectra.safetensors"
 
 
-def allocation_for(compress: dict, recipe: Recipe, sensitivity: str) -> tuple[dict, dict]:
+def allocation_for(compress: Compress, recipe: Recipe, sensitivity: str) -> tuple[dict, dict]:
     """(record, decided): artifacts/ranks.json's record, a rank per decoder linear for
     compress.ratio by the recipe's allocation (the spectra or the component costs of `sensitivity`
     when it needs them) with the parameter counts it plans; and what the allocation decided on its

@@ -14,6 +14,7 @@ from svdcore.compress import collect_grams
 from svdcore.covariances import linear_shapes, save_layer
 from svdcore.errors import UserError
 from svdcore.model import resolve_device, resolve_dtype
+from svdcore.params import Covariances
 from stages.common import run, under_torchrun
 from stages.io import load_calibration
 
@@ -47,7 +48,7 @@ def work(params):
             "rank": distributed.env_rank()}
 
 
-def collect(model, windows, cov: dict, device, out, by_layer=None) -> None:
+def collect(model, windows, cov: Covariances, device, out, by_layer=None) -> None:
     """This process's share of the statistics pass, summed over the processes layer by layer and
     written to `out` (None: a process that writes nothing)."""
     with ThreadPoolExecutor(1) as writer:
