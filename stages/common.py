@@ -107,11 +107,13 @@ def under_torchrun(params, module: str) -> None:
     processes = spread.nproc_per_node * spread.nnodes
     if processes == 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         return
-    # what would otherwise fail only once the processes run, or hang at the rendezvous
-    if params.calibration.samples < processes:
-        raise UserError(f"distributed: {params.calibration.samples} calibration windows "
-                        f"(calibration.samples) for {processes} processes (distributed.nproc_per_node x .nnodes); "
-                        f"expected at least one window a process")
+    # what would otherwise fail only once the processes run, or hang at the rendezvous; each process
+    # takes an equal part of every batch (svdcore.distributed.shard)
+    for key, count in (("calibration.samples", params.calibration.samples),
+                       ("covariances.batch_size", params.covariances.batch_size)):
+        if count % processes:
+            raise UserError(f"{key}: {count} for {processes} processes (distributed.nproc_per_node x .nnodes); "
+                            f"expected a multiple of the process count (each process takes an equal part of every batch)")
     host, port = spread.rdzv_endpoint.rsplit(":", 1)
     if spread.nnodes > 1 and (port == "0" or host in ("localhost", "127.0.0.1")):
         raise UserError(f"distributed.rdzv_endpoint: {spread.rdzv_endpoint!r} for {spread.nnodes} machines; "

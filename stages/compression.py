@@ -2,11 +2,14 @@
 ranks (truncate-and-update; a sweep point's, with its own allocation, for the sweep's compress stage
 and bench.zeroshot, always in memory), and the compressed model saved with its card. With
 `model.load: by-layer` truncate-and-update never holds the whole model: each decoder layer is
-read from the checkpoint, compressed and written to its shard in turn (svdcore.checkpoint)."""
+read from the checkpoint, compressed and written to its shard in turn (svdcore.checkpoint). Under
+torchrun every process runs the same compression on its part of the calibration batches
+(svdcore.distributed) and rank 0 alone writes."""
 import time
 
 import torch
 
+from svdcore import distributed
 from svdcore.atomic import atomic_path, json_text
 from svdcore.card import model_card
 from svdcore.checkpoint import ShardWriter, open_model
@@ -30,29 +33,30 @@ SWEEP_FISHER = "sweep/artifacts/fisher.safetensors"
 SWEEP_SENSITIVITY = "sweep/artifacts/sensitivity.safetensors"
 
 
-def compress_in_memory(params: Params, recipe: Recipe, allocation: dict, fisher_path: str,
+def compress_in_memory(params: Params, recipe: Recipe, allocation: dict, fisher_path: str, load: str = "whole",
                        shards: ShardWriter | None = None):
     """(model, report, summary): params.yaml's model compressed in memory to `allocation`'s ranks by
     `recipe`, from the main pipeline's statistics (and the Fisher scales of `fisher_path` when the recipe
     reads them). The report is compress_model's; the summary holds the parameter counts before and
     after, the ratio achieved (against the model as loaded: no dense evaluation needed) and the
-    compression's wall time (compress_s). With `shards` (model.load by-layer), the model's decoder
-    layers are read, compressed and written to `shards` one at a time: the model returned holds only
+    compression's wall time (compress_s). With `load` by-layer, the model's decoder layers are read
+    and compressed one at a time (and written to `shards` if given): the model returned holds only
     what lies outside them (write_model writes it)."""
-    device = resolve_device(params.device)
+    device = distributed.join(resolve_device(params.device))
     dtype = resolve_dtype(params.model.dtype, device)
-    model, by_layer = open_model(params.model.name, dtype, "whole" if shards is None else "by-layer", device)
-    if by_layer is not None:
+    model, by_layer = open_model(params.model.name, dtype, load, device)
+    if shards is not None:
         by_layer.on_done = shards.write_layer
     if allocation.get("shapes") != linear_shapes(model):
         raise UserError(f"ranks: the allocation was made from {LINEARS}, which lists other linears than this "
                         f"model's", artifact=LINEARS)
-    windows = load_calibration() if recipe.needs_windows else None
+    cov = params.covariances
+    windows, batch_size = (distributed.shard(load_calibration(), cov.batch_size) if recipe.needs_windows
+                           else (None, cov.batch_size))
     fisher = load_fisher(fisher_path, model) if recipe.needs_fisher else None
     dense = parameter_counts(model)
-    cov = params.covariances
     start = time.perf_counter()
-    report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, cov.batch_size,
+    report = compress_model(model, allocation["ranks"], recipe, STATS, device, windows, batch_size,
                             route=params.compress.route, offload=cov.offload_activations, fisher=fisher,
                             by_layer=by_layer)
     compress_s = round(time.perf_counter() - start, 2)
@@ -92,14 +96,16 @@ def write_model(tmp, params: Params, recipe: Recipe, allocation: dict, model, to
 def compress_and_save(params: Params, recipe: Recipe, allocation: dict, fisher_path: str, tokenizer, directory: str):
     """(report, summary): compress_in_memory, then save_with_card into `directory`; with `model.load:
     by-layer`, each layer written as it is compressed (the folder appears whole or not at all
-    either way)."""
+    either way). Under torchrun, a process other than rank 0 compresses and writes nothing."""
+    if distributed.env_rank() != 0:
+        return compress_in_memory(params, recipe, allocation, fisher_path, params.model.load)[1:]
     if params.model.load == "whole":
         model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path)
         save_with_card(params, recipe, allocation, model, tokenizer, directory)
         return report, summary
     with atomic_path(directory, is_dir=True) as tmp:
         shards = ShardWriter(tmp, save_dtype(params))
-        model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path, shards)
+        model, report, summary = compress_in_memory(params, recipe, allocation, fisher_path, "by-layer", shards)
         write_model(tmp, params, recipe, allocation, model, tokenizer, shards)
     return report, summary
 

@@ -1,9 +1,9 @@
 """compute-covariances: one streamed pass of the original model, a Gram per linear input.
 
 With more than one process asked for (`distributed.nproc_per_node` x `.nnodes`) the stage starts
-itself again under torchrun (stages.common.under_torchrun); each process streams its share of the
-windows, and every layer's statistics are summed over the processes before rank 0 alone writes
-them (svdcore.distributed). With `model.load: by-layer` the decoder layers are read from the
+itself again under torchrun (stages.common.under_torchrun); each process streams its part of every
+batch, and every layer's statistics are summed over the processes before rank 0 alone writes them
+(svdcore.distributed). With `model.load: by-layer` the decoder layers are read from the
 checkpoint one at a time as the pass reaches them (svdcore.checkpoint)."""
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,19 +49,18 @@ def work(params):
 
 
 def collect(model, windows, cov: Covariances, device, out, by_layer=None) -> None:
-    """This process's share of the statistics pass, summed over the processes layer by layer and
-    written to `out` (None: a process that writes nothing)."""
+    """This process's part of the statistics pass (the loop sums each layer's statistics over the
+    processes), written to `out` (None: a process that writes nothing)."""
     with ThreadPoolExecutor(1) as writer:
         pending = []
 
         def save(index, stats):  # written by a worker while the next layer runs; one write in flight at most
-            stats = distributed.all_reduce_stats(stats)
             while pending:
                 pending.pop().result()
             if out is not None:
                 pending.append(writer.submit(save_layer, out, index, stats))
 
-        collect_grams(model, distributed.shard(windows), cov.batch_size, device, save,
+        collect_grams(model, *distributed.shard(windows, cov.batch_size), device, save,
                       offload=cov.offload_activations, by_layer=by_layer)
         for job in pending:
             job.result()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .checkpoint import layer_read
 from .covariances import LayerStats, load_layer
 from .decompose import IDENTITY, anchored_weight, choose_route, diagonal_whitening, eigen_whitening, truncate, whitening
@@ -132,8 +133,8 @@ class _Report:
         self.refine, self.stream_gap = {}, {}
 
     def whitenings(self, name_of, cache: dict) -> None:
-        self.gram_routes.update({f"{name_of(key[1])}:{key[0]}": white.route for key, white in cache.items()
-                                 if key[0] != "gram"})
+        self.gram_routes.update(distributed.union({f"{name_of(key[1])}:{key[0]}": white.route
+                                                   for key, white in cache.items() if key[0] != "gram"}))
 
     def done(self) -> dict:
         report = {"recipe": self.recipe.describe(), "routes": dict(sorted(self.routes.items())),
@@ -191,7 +192,7 @@ def _dense_pass(index, layer, linears, hidden, kwargs_per_batch, device, offload
                             f"(activations overflowed; try model.dtype float32)")
     stats = LayerStats({g: a.gram for g, a in accumulators.items()}, {g: a.abs_mean for g, a in accumulators.items()},
                        shares, next(iter(accumulators.values())).tokens)
-    return outputs, stats
+    return outputs, distributed.all_reduce_stats(stats)
 
 
 def _check_all_called(index, linears, called) -> None:
@@ -228,12 +229,14 @@ def _shifted_statistics(index, group, members, layer, frozen, shifted, dense, kw
                 if cross_acc is None:
                     cross_acc = CrossAccumulator(x_shifted.shape[-1], x_shifted.device)
                 cross_acc.add(x_shifted, calls[0][1])
-    if not torch.isfinite(shifted_acc.gram).all() or (cross_acc is not None and not torch.isfinite(cross_acc.cross).all()):
+        # summed over the processes first, so that a non-finite sum stops every one of them
+        stats = distributed.all_reduce_stats(LayerStats({group: shifted_acc.gram}, {group: shifted_acc.abs_mean},
+                                                        {m: group for m in members}, shifted_acc.tokens))
+        cross = None if cross_acc is None else distributed.all_reduce_sum(cross_acc.cross)
+    if not torch.isfinite(stats.grams[group]).all() or (cross is not None and not torch.isfinite(cross).all()):
         raise UserError(f"layer {index}, {group}: non-finite statistics of the shifted inputs "
                         f"(activations overflowed; try model.dtype float32)")
-    stats = LayerStats({group: shifted_acc.gram}, {group: shifted_acc.abs_mean}, {m: group for m in members},
-                       shifted_acc.tokens)
-    return stats, None if cross_acc is None else cross_acc.cross
+    return stats, cross
 
 
 def _truncate_linear(model, name, local, module, rank, recipe, stats, fisher, cache, route, report, index, device,
@@ -256,6 +259,39 @@ def _truncate_linear(model, name, local, module, rank, recipe, stats, fisher, ca
     with section("install factors"):
         replace_linear(model, name, a, b)
     return model.get_submodule(name), weight
+
+
+def _truncate_group(model, names: list[str], name_of, chosen: dict, todo: dict, recipe: Recipe, stats, fisher,
+                    route, report: _Report, index: int, device, bar, cross=None, update_gram=None) -> None:
+    """Truncate the linears `names` of layer `index` that read one input (one Gram, so one
+    whitening in `cache`) and install their factors; with `update_gram`, refit each A on it (the
+    closed-form update). Under torchrun each matrix is factorized by one process (round-robin) and
+    its factors are broadcast to the others: every process ends with the same layer."""
+    cache, done = {}, {}
+    for position, local in enumerate(names):
+        if distributed.owner(position) == distributed.env_rank():
+            name = name_of(local)
+            low, weight = _truncate_linear(model, name, local, chosen[local], todo[name], recipe, stats, fisher,
+                                           cache, route, report, index, device, cross)
+            errors = None
+            if update_gram is not None:
+                with section("update"):
+                    errors = refit_a(low, weight, update_gram)
+            done[local] = low, errors
+    for position, local in enumerate(names):
+        name = name_of(local)
+        low, errors = done.get(local, (None, None))
+        if distributed.env_world_size() > 1:
+            with section("broadcast factors"):
+                a, b, (report.routes[name], errors) = distributed.broadcast_factors(
+                    low, distributed.owner(position), (report.routes.get(name), errors), device)
+            if low is None:
+                replace_linear(model, name, a, b)
+        if errors is not None:
+            report.errors["before"] += errors[0]
+            report.errors["after"] += errors[1]
+        bar.update()
+    report.whitenings(name_of, cache)
 
 
 @torch.no_grad()
@@ -300,12 +336,9 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                 with layer_read(by_layer, layer):
                     name_of = lambda local: f"{prefix}.{index}.{local}"  # noqa: E731
                     chosen = {local: m for local, m in layer_linears(layer).items() if name_of(local) in todo}
-                    stats, cache = (disk_stats(index) if chosen else None), {}
-                    for local, module in chosen.items():
-                        _truncate_linear(model, name_of(local), local, module, todo[name_of(local)], recipe, stats,
-                                         fisher, cache, route, report, index, device)
-                        bar.update()
-                    report.whitenings(name_of, cache)
+                    if chosen:
+                        _truncate_group(model, list(chosen), name_of, chosen, todo, recipe, disk_stats(index), fisher,
+                                        route, report, index, device, bar)
         return report.done()
 
     dense, kwargs = capture_layer_inputs(model, windows, batch_size, device, offload)
@@ -350,23 +383,16 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                     names = [local for local in members if local in chosen]
                     if not names:
                         continue
-                    cache, cross = {}, None
+                    cross = update_gram = None
                     if per_group:
                         shifted_stats, cross = _shifted_statistics(index, group, members, layer, frozen, shifted,
                                                                    dense, kwargs[:fitted], device)
                         if recipe.anchor is not None:
                             stats = shifted_stats
-                    for local in names:
-                        name = name_of(local)
-                        low, weight = _truncate_linear(model, name, local, chosen[local], todo[name], recipe, stats,
-                                                       fisher, cache, route, report, index, device, cross)
                         if recipe.update:
-                            with section("update"):
-                                before, after = refit_a(low, weight, shifted_stats.grams[group])
-                            report.errors["before"] += before
-                            report.errors["after"] += after
-                        bar.update()
-                    report.whitenings(name_of, cache)
+                            update_gram = shifted_stats.grams[group]
+                    _truncate_group(model, names, name_of, chosen, todo, recipe, stats, fisher, route, report, index,
+                                    device, bar, cross, update_gram)
                 del frozen
 
                 # 3. block refinement: the compressed block on X~ against the dense block's outputs on X
@@ -398,6 +424,8 @@ def _gap(shifted: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
         return 0.0
     num = sum(float((s.double() - d.double()).square().sum()) for s, d in zip(shifted, dense))
     den = sum(float(d.double().square().sum()) for d in dense)
+    if distributed.env_world_size() > 1:  # over every process's windows
+        num, den = distributed.all_reduce_sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return (num / den) ** 0.5 if den else 0.0
 
 

@@ -1,16 +1,27 @@
-"""Data parallelism under torchrun: each process streams its share of the calibration windows
-through the same layer loop, and a layer's statistics are summed over the processes (an
-all-reduce in float64) before anything reads them. torchrun launches the processes and describes
-them in the environment (RANK, WORLD_SIZE, LOCAL_RANK, the rendezvous); torch.distributed does the
-communication: NCCL between GPUs, gloo on CPUs. Without torchrun, or with one process, nothing here
-does anything.
+"""Data parallelism under torchrun: each process streams its part of every calibration batch
+through the same layer loop, and
+
+- a layer's statistics (Grams, the cross terms of the anchored closed form) are summed over the
+  processes, an all-reduce in float64, before anything reads them;
+- a group's matrices are factorized round-robin, each by one process, and the factors broadcast
+  from it, so every process installs the same;
+- block refinement averages the gradients of every step over the processes (what
+  DistributedDataParallel does, done on the flat list of the block's trainable tensors: a wrapper
+  per block would buy nothing, and it cannot take a mixture-of-experts block whose unrouted experts
+  get no gradient).
+
+Because a process takes the same share of every batch, a step sees the windows one process would
+see in that step: the loop computes what it computes with one process, to float rounding (sums
+taken in another order, per-batch products over fewer windows).
+torchrun launches the processes and describes them in the environment (RANK, WORLD_SIZE,
+LOCAL_RANK, the rendezvous); torch.distributed does the communication: NCCL between GPUs, gloo on
+CPUs. Without torchrun, or with one process, nothing here does anything.
 """
 import os
 
 import torch
 
 from .covariances import LayerStats
-from .errors import UserError
 
 
 def launched_by_torchrun() -> bool:
@@ -51,15 +62,86 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def shard(windows: torch.Tensor) -> torch.Tensor:
-    """This process's contiguous share of the calibration windows (sizes differ by one at most)."""
+def shard(windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """(this process's windows, its batch size): its equal part of every batch of `batch_size`
+    windows, in order, so that its k-th batch is its part of the k-th batch one process would run.
+    Both counts must be multiples of the process count (stages.common checks it before launching)."""
     world = env_world_size()
     if world == 1:
-        return windows
-    if len(windows) < world:
-        raise UserError(f"distributed: {len(windows)} calibration windows for {world} processes; "
-                        f"expected at least one window a process (calibration.samples >= the process count)")
-    return torch.tensor_split(windows, world)[env_rank()]
+        return windows, batch_size
+    if len(windows) % world or batch_size % world:
+        raise ValueError(f"distributed: {len(windows)} windows in batches of {batch_size} for {world} processes; "
+                         f"expected both multiples of the process count")
+    rank = env_rank()
+    parts = [batch[rank * len(batch) // world:(rank + 1) * len(batch) // world] for batch in windows.split(batch_size)]
+    return torch.cat(parts), batch_size // world
+
+
+def owner(position: int) -> int:
+    """The process that factorizes the `position`-th matrix of a group (round-robin)."""
+    return position % env_world_size()
+
+
+def broadcast_factors(low, source: int, meta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(A, B, meta) of one low-rank linear, from the process `source` that computed them (`low`, its
+    LowRankLinear, and `meta`, what the report records of it) to every process (`low` None there)."""
+    import torch.distributed as dist
+
+    box = [(tuple(low.A.shape), tuple(low.B.shape), low.A.dtype, meta) if low is not None else None]
+    dist.broadcast_object_list(box, src=source)
+    a_shape, b_shape, dtype, meta = box[0]
+    a = low.A.detach() if low is not None else torch.empty(a_shape, dtype=dtype, device=device)
+    b = low.B.detach() if low is not None else torch.empty(b_shape, dtype=dtype, device=device)
+    dist.broadcast(a, src=source)
+    dist.broadcast(b, src=source)
+    return a, b, meta
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of `tensor` over the processes (itself with one process), where it was."""
+    if env_world_size() == 1:
+        return tensor
+    import torch.distributed as dist
+
+    total = tensor.double().clone()
+    if dist.get_backend() == "nccl" and not total.is_cuda:  # NCCL reduces GPU tensors only
+        total = total.cuda()
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def union(entries: dict) -> dict:
+    """Every process's `entries` in one dict (what each process recorded of the matrices it
+    factorized)."""
+    if env_world_size() == 1:
+        return entries
+    import torch.distributed as dist
+
+    gathered = [None] * env_world_size()
+    dist.all_gather_object(gathered, entries)
+    return {key: value for part in gathered for key, value in part.items()}
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """The mean over the processes of a number each holds (a loss on its part of a batch)."""
+    if env_world_size() == 1:
+        return value
+    return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device))) / env_world_size()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Replace every gradient by its mean over the processes (a tensor that got none counts as
+    zeros), in one all-reduce of the flattened gradients."""
+    if env_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= env_world_size()
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.view_as(p).clone()
 
 
 def all_reduce_stats(stats: LayerStats) -> LayerStats:

@@ -6,7 +6,9 @@ AdamW, linear warm-up then cosine decay, gradient clipping. With a held-out shar
 default is 0: every window trains, every step runs), that share of the calibration windows is
 scored before training and after every epoch, the best state is kept and training stops once an
 epoch fails to improve it. Everything runs in float32 whatever the model's dtype,
-batches are drawn by a seeded generator, so two runs on a CPU are bit-identical.
+batches are drawn by a seeded generator, so two runs on a CPU are bit-identical. Under torchrun
+each process holds its part of every batch: the gradients and the losses are averaged over the
+processes (svdcore.distributed), so a step is the step one process would take on the whole batch.
 """
 import math
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import UserError
 from .modeling_svdcore import LowRankLinear
 from .streaming import output_of
@@ -94,7 +97,7 @@ def refine_block(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
 
     def heldout():
         with torch.no_grad():
-            return sum(float(loss_of(b)) for b in watch) / len(watch)
+            return distributed.all_reduce_mean(sum(float(loss_of(b)) for b in watch) / len(watch), device)
 
     try:
         for p in layer.parameters():
@@ -115,11 +118,12 @@ def refine_block(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
                     group["lr"] = learning_rate(step, steps, lr)
                 with torch.enable_grad():
                     loss = loss_of(train[b])
-                    value = loss.detach().item()
+                    value = distributed.all_reduce_mean(loss.detach().item(), device)  # every process stops together
                     if not math.isfinite(value):
                         raise UserError(f"layer {index}: the block refinement loss became {value} at step {step + 1}; "
                                         f"lower compress.refine.lr or turn refinement off (compress.refine.steps 0)")
                     loss.backward()
+                distributed.average_gradients(list(params.values()))
                 torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
