@@ -1,6 +1,7 @@
 """evaluate: the compressed model against the cached dense baseline; metrics + one MLflow run.
-With model.load by-layer and a streamed perplexity alone to measure, the model is read a layer at a
-time (svdcore.evaluation.streams_by_layer)."""
+With model.load by-layer and a streamed perplexity, the model is read a layer at a time
+(svdcore.evaluation.streams_by_layer); with evaluate.device_map auto, zero-shot scoring and
+generation load it again, spread over the devices (svdcore.spread)."""
 from svdcore.atomic import read_json, write_json
 from svdcore.checkpoint import open_compressed
 from svdcore.errors import UserError
@@ -8,6 +9,7 @@ from svdcore.counts import linear_parameters, ratio_achieved
 from svdcore.evaluation import directory_bytes, measure, streams_by_layer
 from svdcore.generation import check_same_prompts, side_by_side
 from svdcore.model import resolve_device, resolve_dtype
+from svdcore.spread import spread_model
 from svdcore.zeroshot import check_same_protocol
 from stages.common import STAGE_METRICS, peak_memory, run, wall_s
 from stages.io import DENSE, DENSE_SAMPLES, MODEL_DIR, REPORT
@@ -28,12 +30,14 @@ def work(params):
     check_same_prompts(dense_samples, gen.prompts, gen.max_new_tokens, DENSE_SAMPLES)
     ranks = read_json("artifacts/ranks.json", "ranks")
     report = read_json(REPORT, "compression report")
-    model, by_layer = open_compressed(MODEL_DIR, resolve_dtype(params.model.dtype, device),
+    dtype = resolve_dtype(params.model.dtype, device)
+    model, by_layer = open_compressed(MODEL_DIR, dtype,
                                       "by-layer" if streams_by_layer(params) else "whole", device)
     if linear_parameters(model) != ranks["linear_params_compressed"]:
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    compressed, runtime = measure(model, tokenizer, params, device, "compressed", by_layer=by_layer)
+    compressed, runtime = measure(model, tokenizer, params, device, "compressed", by_layer=by_layer,
+                                  spread=lambda: spread_model(MODEL_DIR, dtype, params.evaluate.max_memory, True))
     samples = compressed.pop("samples")
     compressed["bytes_on_disk"] = directory_bytes(MODEL_DIR)
     metrics = {

@@ -6,6 +6,7 @@ from .methods import ALLOCATIONS, METRICS, PRESETS  # noqa: F401  (compress.allo
 METHODS = tuple(PRESETS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.dtype, compress.save_dtype
 LOADS = ("whole", "by-layer")  # model.load (svdcore.checkpoint)
+DEVICE_MAPS = ("none", "auto")  # evaluate.device_map (svdcore.spread)
 SAMPLERS = ("tokens", "chars")  # calibration.sampler (svdcore.calibration)
 QUANTIZE_SCHEMES = ("none", "int8")  # quantize.scheme (svdcore.quantize)
 # zeroshot.tasks: lm-eval's names of the seven tasks the SVD-LLM papers report (svdcore.zeroshot_data)

@@ -2,6 +2,7 @@
 params.yaml's evaluate / zeroshot / generate sections to metrics, for the pipeline and the sweep."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,17 +44,21 @@ MEASURES = ("perplexity", "zeroshot", "samples")
 
 
 def streams_by_layer(params: Params) -> bool:
-    """Whether an evaluation can read the model a layer at a time (model.load by-layer): only its
-    streamed perplexity can; zero-shot scoring and generation need the whole model."""
+    """Whether an evaluation can read the model a layer at a time (model.load by-layer): its
+    streamed perplexity can; zero-shot scoring and generation need the whole model, unless they
+    load their own over a device map (evaluate.device_map auto)."""
     return (params.model.load == "by-layer" and params.evaluate.stream_layers
-            and not params.zeroshot.tasks and not params.generate.prompts)
+            and (params.evaluate.device_map == "auto" or not (params.zeroshot.tasks or params.generate.prompts)))
 
 
-def measure(model, tokenizer, params: Params, device, label: str, what=MEASURES, by_layer=None) -> tuple[dict, dict]:
+def measure(model, tokenizer, params: Params, device, label: str, what=MEASURES, by_layer=None,
+            spread=None) -> tuple[dict, dict]:
     """(deterministic metrics, runtime figures) of one model, as params.yaml asks: the perplexity of
     `evaluate` (with the parameter counts), the zero-shot scores of `zeroshot`, the greedy
     continuations of `generate` (metrics["samples"]), whichever of them `what` names. `by_layer`:
-    the model's layers are read from its checkpoint as the streamed perplexity reaches them."""
+    the model's layers are read from its checkpoint as the streamed perplexity reaches them.
+    `spread`: with evaluate.device_map auto, what loads the same model over the device map
+    (svdcore.spread.spread_model, without its arguments) for zero-shot scoring and generation."""
     unknown = set(what) - set(MEASURES)
     if unknown:
         raise ValueError(f"measure: unknown {sorted(unknown)}; expected some of {MEASURES}")
@@ -61,12 +66,14 @@ def measure(model, tokenizer, params: Params, device, label: str, what=MEASURES,
     metrics, runtime = evaluate_model(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows,
                                       ev.batch_size, device, label, ev.stream_layers, by_layer) \
         if "perplexity" in what else (parameter_counts(model), {})  # evaluate_model counts them too
-    if "zeroshot" in what:
-        zs = params.zeroshot
-        metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(model, tokenizer, zs.tasks, zs.limit,
-                                                                  zs.batch_size, device)
-        runtime.update(zeroshot_runtime)
-    if "samples" in what:
-        gen = params.generate
-        metrics["samples"] = generate_samples(model, tokenizer, gen.prompts, gen.max_new_tokens, device)
+    zs, gen = params.zeroshot, params.generate
+    whole = ("zeroshot" in what and zs.tasks) or ("samples" in what and gen.prompts)
+    spreading = spread is not None and ev.device_map == "auto" and whole
+    with spread() if spreading else contextlib.nullcontext(model) as scored:
+        if "zeroshot" in what:
+            metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(scored, tokenizer, zs.tasks, zs.limit,
+                                                                      zs.batch_size, device)
+            runtime.update(zeroshot_runtime)
+        if "samples" in what:
+            metrics["samples"] = generate_samples(scored, tokenizer, gen.prompts, gen.max_new_tokens, device)
     return metrics, runtime

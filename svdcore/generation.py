@@ -2,6 +2,7 @@
 import torch
 
 from .errors import UserError
+from .spread import input_device, is_spread
 
 
 @torch.no_grad()
@@ -12,7 +13,9 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
     if not prompts:  # nothing to write: the model stays where it is
         return []
-    model.to(device)
+    if not is_spread(model):
+        model.to(device)
+    device = input_device(model, device)
     eos = tokenizer.eos_token_id
     # A fresh config: the model's own may ask for sampling (temperature, top_p), which greedy ignores.
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,

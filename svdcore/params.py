@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .choices import (ALLOCATIONS, DTYPES, LOADS, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
+from .choices import (ALLOCATIONS, DEVICE_MAPS, DTYPES, LOADS, METHODS, METRICS, QUANTIZE_SCHEMES, ROUTES, SAMPLERS,  # noqa: F401
                       ZEROSHOT_TASKS)
 from .errors import UserError
 from .methods import recipe_from_params
@@ -120,6 +120,10 @@ class Evaluate(Section):
     max_windows: Seed
     batch_size: Count
     stream_layers: Flag
+    device_map: _choice(DEVICE_MAPS)
+    max_memory: Annotated[dict[Annotated[str, Field(pattern=r"^(cpu|cuda:\d+)$")],
+                               Annotated[str, Field(pattern=r"^\d+(\.\d+)?[KMG]i?B$")]],
+                          described("a mapping of cpu or cuda:N to a size such as 70GiB or 500MB ({}: what is free)")]
 
 
 class Zeroshot(Section):

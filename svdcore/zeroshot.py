@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from .errors import UserError
+from .spread import is_spread
 from .zeroshot_data import zeroshot_dir
 
 TASK_DIR = Path(__file__).with_name("zeroshot_tasks")
@@ -81,7 +82,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], limit: int, batch_size
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        model.to(device)  # HFLM runs an in-memory model where it lies
+        if not is_spread(model):
+            model.to(device)  # HFLM runs an in-memory model where it lies (a spread one where accelerate put it)
         with quiet_lm_eval():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             manager = task_manager(data_dir)

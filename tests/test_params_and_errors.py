@@ -71,6 +71,10 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
     ("evaluate.datasets", [], r"evaluate.datasets: expected a non-empty list"),
     ("model.dtype", "float8", r"model.dtype: expected one of auto, float32, bfloat16, float16"),
     ("model.load", "lazy", r"model.load: expected one of whole, by-layer, got 'lazy'"),
+    ("evaluate.device_map", "gpu", r"evaluate.device_map: expected one of none, auto, got 'gpu'"),
+    ("evaluate.max_memory", {"gpu0": "1GiB"}, r"evaluate.max_memory: expected a mapping of cpu or cuda:N to a size "
+                                              r"such as 70GiB or 500MB \(\{\}: what is free\), got 'gpu0'$"),
+    ("evaluate.max_memory", {"cpu": "2TB"}, r"evaluate.max_memory: expected a mapping .*, got '2TB'$"),
     ("zeroshot.tasks", ["piqa", "boolq"], r"zeroshot.tasks: unknown task 'boolq'; expected some of piqa, arc_easy, "
                                           r"arc_challenge, hellaswag, winogrande, openbookqa, mathqa"),
     ("zeroshot.tasks", "piqa", r"zeroshot.tasks: expected a list of task names \(piqa, .*\), or \[\] for none, "
