@@ -37,7 +37,7 @@ def work(params):
         raise UserError(f"{MODEL_DIR} does not hold the ranks of artifacts/ranks.json; rerun truncate-and-update")
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     compressed, runtime = measure(model, tokenizer, params, device, "compressed", by_layer=by_layer,
-                                  spread=lambda: spread_model(MODEL_DIR, dtype, params.evaluate.max_memory, True))
+                                  spread=lambda: spread_model(MODEL_DIR, dtype, params.evaluate.max_memory, device, True))
     samples = compressed.pop("samples")
     compressed["bytes_on_disk"] = directory_bytes(MODEL_DIR)
     metrics = {

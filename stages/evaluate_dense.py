@@ -20,7 +20,7 @@ def work(params):
     dtype = resolve_dtype(params.model.dtype, device)
     model, by_layer = open_model(name, dtype, "by-layer" if streams_by_layer(params) else "whole", device)
     metrics, runtime = measure(model, load_tokenizer(name), params, device, "dense", by_layer=by_layer,
-                               spread=lambda: spread_model(name, dtype, params.evaluate.max_memory))
+                               spread=lambda: spread_model(name, dtype, params.evaluate.max_memory, device))
     samples = metrics.pop("samples")
     source = resolve(name)
     local = Path(source.path) / (source.gguf_file or "")

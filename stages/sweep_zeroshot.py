@@ -10,14 +10,18 @@ import time
 
 from svdcore.atomic import write_json
 from svdcore.evaluation import measure
+from svdcore.model import resolve_dtype
+from svdcore.spread import spread_model
 from stages.common import peak_memory, run, wall_s
-from stages.io import load_sweep_model, zeroshot_file
+from stages.io import load_sweep_model, sweep_model_dir, zeroshot_file
 
 
 def work(params, method: str, ratio: float) -> dict:
     model, tokenizer, point, device = load_sweep_model(params, method, ratio)
+    dtype = resolve_dtype(params.model.dtype, device)
+    spread = lambda: spread_model(sweep_model_dir(method, ratio), dtype, params.evaluate.max_memory, device, True)  # noqa: E731
     start = time.perf_counter()
-    metrics, runtime = measure(model, tokenizer, params, device, f"{method}@{ratio}", what=("zeroshot",))
+    metrics, runtime = measure(model, tokenizer, params, device, f"{method}@{ratio}", what=("zeroshot",), spread=spread)
     write_json(zeroshot_file(method, ratio), {
         "method": method, "ratio": ratio, "zeroshot": metrics["zeroshot"], **runtime,
         "ratio_achieved": point["ratio_achieved"], "zeroshot_s": round(time.perf_counter() - start, 2),

@@ -262,13 +262,15 @@ def _truncate_linear(model, name, local, module, rank, recipe, stats, fisher, ca
 
 
 def _truncate_group(model, names: list[str], name_of, chosen: dict, todo: dict, recipe: Recipe, stats, fisher,
-                    route, report: _Report, index: int, device, bar, cross=None, update_gram=None) -> None:
+                    route, report: _Report, index: int, device, bar, cross=None, update_gram=None,
+                    first: int = 0) -> int:
     """Truncate the linears `names` of layer `index` that read one input (one Gram, so one
     whitening in `cache`) and install their factors; with `update_gram`, refit each A on it (the
-    closed-form update). Under torchrun each matrix is factorized by one process (round-robin) and
-    its factors are broadcast to the others: every process ends with the same layer."""
+    closed-form update). Under torchrun each matrix is factorized by one process, round-robin over
+    the layer's matrices (`first`: how many of them came before these), and its factors are
+    broadcast to the others: every process ends with the same layer. Returns `first` + len(names)."""
     cache, done = {}, {}
-    for position, local in enumerate(names):
+    for position, local in enumerate(names, first):
         if distributed.owner(position) == distributed.env_rank():
             name = name_of(local)
             low, weight = _truncate_linear(model, name, local, chosen[local], todo[name], recipe, stats, fisher,
@@ -278,7 +280,7 @@ def _truncate_group(model, names: list[str], name_of, chosen: dict, todo: dict, 
                 with section("update"):
                     errors = refit_a(low, weight, update_gram)
             done[local] = low, errors
-    for position, local in enumerate(names):
+    for position, local in enumerate(names, first):
         name = name_of(local)
         low, errors = done.get(local, (None, None))
         if distributed.env_world_size() > 1:
@@ -292,6 +294,7 @@ def _truncate_group(model, names: list[str], name_of, chosen: dict, todo: dict, 
             report.errors["after"] += errors[1]
         bar.update()
     report.whitenings(name_of, cache)
+    return first + len(names)
 
 
 @torch.no_grad()
@@ -379,6 +382,7 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                                         if recipe.refine_steps else 0)
                 groups = (_forward_order(index, layer, linears, shifted[0], kwargs[0], device) if per_group
                           else {None: list(chosen)})
+                done = 0  # matrices of this layer truncated so far: where the round-robin goes on
                 for group, members in groups.items():
                     names = [local for local in members if local in chosen]
                     if not names:
@@ -391,8 +395,8 @@ def compress_model(model, ranks: dict[str, int | None], method: str | Recipe, st
                             stats = shifted_stats
                         if recipe.update:
                             update_gram = shifted_stats.grams[group]
-                    _truncate_group(model, names, name_of, chosen, todo, recipe, stats, fisher, route, report, index,
-                                    device, bar, cross, update_gram)
+                    done = _truncate_group(model, names, name_of, chosen, todo, recipe, stats, fisher, route, report,
+                                           index, device, bar, cross, update_gram, done)
                 del frozen
 
                 # 3. block refinement: the compressed block on X~ against the dense block's outputs on X

@@ -78,7 +78,7 @@ def shard(windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
 
 
 def owner(position: int) -> int:
-    """The process that factorizes the `position`-th matrix of a group (round-robin)."""
+    """The process that factorizes a layer's `position`-th matrix (round-robin)."""
     return position % env_world_size()
 
 
@@ -90,8 +90,10 @@ def broadcast_factors(low, source: int, meta, device: torch.device) -> tuple[tor
     box = [(tuple(low.A.shape), tuple(low.B.shape), low.A.dtype, meta) if low is not None else None]
     dist.broadcast_object_list(box, src=source)
     a_shape, b_shape, dtype, meta = box[0]
-    a = low.A.detach() if low is not None else torch.empty(a_shape, dtype=dtype, device=device)
-    b = low.B.detach() if low is not None else torch.empty(b_shape, dtype=dtype, device=device)
+    # on `device` everywhere: the owner's factors lie where the layer does (the CPU, when the
+    # statistics come from disk and the model was loaded whole), and NCCL sends GPU tensors only
+    a = low.A.detach().to(device).contiguous() if low is not None else torch.empty(a_shape, dtype=dtype, device=device)
+    b = low.B.detach().to(device).contiguous() if low is not None else torch.empty(b_shape, dtype=dtype, device=device)
     dist.broadcast(a, src=source)
     dist.broadcast(b, src=source)
     return a, b, meta
@@ -130,18 +132,33 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
-    """Replace every gradient by its mean over the processes (a tensor that got none counts as
-    zeros), in one all-reduce of the flattened gradients."""
+    """Replace every gradient by its mean over the processes, in one all-reduce of the flattened
+    gradients and one flag a tensor: a tensor that got no gradient in one process counts as zeros
+    there, and one that got none in any keeps None (AdamW then leaves it alone, as it would with
+    one process)."""
     if env_world_size() == 1:
         return
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
     dist.all_reduce(flat)
-    flat /= env_world_size()
-    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = piece.view_as(p).clone()
+    flat[:-len(params)] /= env_world_size()
+    pieces = flat[:-len(params)].split([g.numel() for g in grads])
+    for p, piece, flag in zip(params, pieces, flat[-len(params):].tolist()):
+        p.grad = piece.view_as(p).clone() if flag else None
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], source: int = 0) -> None:
+    """`source`'s values of `tensors` in every process (as DistributedDataParallel starts: the
+    processes agree whatever happened before)."""
+    if env_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=source)
 
 
 def all_reduce_stats(stats: LayerStats) -> LayerStats:

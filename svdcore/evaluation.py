@@ -43,6 +43,21 @@ def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windo
 MEASURES = ("perplexity", "zeroshot", "samples")
 
 
+def park_on_cpu(model) -> None:
+    """Move what of `model` lies on a GPU to the CPU: the whole model after its perplexity, or the
+    tensors outside the layers of one read by layer (its layers are on the meta device)."""
+    import torch
+
+    from .model import decoder_layers, move_outside_layers
+
+    if any(p.is_meta for p in model.parameters()):
+        move_outside_layers(model, decoder_layers(model), torch.device("cpu"))
+    else:
+        model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def streams_by_layer(params: Params) -> bool:
     """Whether an evaluation can read the model a layer at a time (model.load by-layer): its
     streamed perplexity can; zero-shot scoring and generation need the whole model, unless they
@@ -69,6 +84,8 @@ def measure(model, tokenizer, params: Params, device, label: str, what=MEASURES,
     zs, gen = params.zeroshot, params.generate
     whole = ("zeroshot" in what and zs.tasks) or ("samples" in what and gen.prompts)
     spreading = spread is not None and ev.device_map == "auto" and whole
+    if spreading:  # the perplexity's copy leaves the device to the spread one
+        park_on_cpu(model)
     with spread() if spreading else contextlib.nullcontext(model) as scored:
         if "zeroshot" in what:
             metrics["zeroshot"], zeroshot_runtime = evaluate_zeroshot(scored, tokenizer, zs.tasks, zs.limit,

@@ -142,6 +142,7 @@ def refine_block(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
         if watch:
             for name, p in params.items():
                 p.data.copy_(best_state[name])
+        distributed.broadcast_tensors(list(params.values()))  # under torchrun: every process keeps rank 0's
         if not all(torch.isfinite(p).all() for p in params.values()):
             raise UserError(f"layer {index}: the block refinement produced non-finite factors; lower compress.refine.lr")
     finally:

@@ -9,17 +9,28 @@ import tempfile
 import torch
 
 
-def accelerate_memory(max_memory: dict[str, str]) -> dict | None:
-    """evaluate.max_memory ({"cuda:0": "70GiB", "cpu": "100GiB"}) as accelerate takes it ({0: ...,
-    "cpu": ...}); {} is None: accelerate measures what is free."""
-    return {int(k.removeprefix("cuda:")) if k.startswith("cuda:") else k: v for k, v in max_memory.items()} or None
+def accelerate_memory(max_memory: dict[str, str], device: torch.device, free: dict | None = None) -> dict:
+    """What accelerate may place on each device: what is free there (`free`, else accelerate
+    measures it), the GPUs left out when `device` is the CPU, and evaluate.max_memory's caps
+    ({"cuda:0": "70GiB", "cpu": "100GiB"}, as accelerate names them: {0: ..., "cpu": ...}) in place
+    of what is free on the devices it names. A device it does not name keeps what is free there
+    (accelerate alone would use only the devices named)."""
+    if free is None:
+        from accelerate.utils import get_max_memory
+
+        free = get_max_memory()
+    room = {key: value for key, value in free.items() if device.type != "cpu" or key == "cpu"}
+    caps = {int(k.removeprefix("cuda:")) if k.startswith("cuda:") else k: v for k, v in max_memory.items()}
+    return {**room, **caps}
 
 
 @contextlib.contextmanager
-def spread_model(name: str, dtype: torch.dtype, max_memory: dict[str, str], compressed: bool = False):
+def spread_model(name: str, dtype: torch.dtype, max_memory: dict[str, str], device: torch.device,
+                 compressed: bool = False):
     """The model `name` (a model.name, or with `compressed` a folder saved by svdcore) loaded over
-    the device map, in eval mode; what did not fit in memory is offloaded to a temporary folder,
-    removed when the block ends."""
+    the device map (the GPUs, unless `device` is the CPU, then CPU memory, within `max_memory`:
+    accelerate_memory), in eval mode; what did not fit is offloaded to a temporary folder, removed
+    when the block ends."""
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import checkpoint_directory
@@ -27,7 +38,7 @@ def spread_model(name: str, dtype: torch.dtype, max_memory: dict[str, str], comp
     from .lowrank import compressed_class
 
     with tempfile.TemporaryDirectory(prefix="svdcore-offload-") as offload:
-        kwargs = dict(dtype=dtype, device_map="auto", max_memory=accelerate_memory(max_memory),
+        kwargs = dict(dtype=dtype, device_map="auto", max_memory=accelerate_memory(max_memory, device),
                       offload_folder=offload)
         try:
             if compressed:
@@ -35,7 +46,7 @@ def spread_model(name: str, dtype: torch.dtype, max_memory: dict[str, str], comp
                 model = cls.from_pretrained(name, config=config, **kwargs)
             else:  # a GGUF: svdcore's safetensors copy of it
                 model = AutoModelForCausalLM.from_pretrained(checkpoint_directory(name, dtype), **kwargs)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory while placing it
             raise UserError(f"evaluate.device_map: cannot spread {name} over the devices: "
                             f"{str(e).strip().splitlines()[0]}") from None
         model.eval()

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from bench import compress, infer, kernels, ratio_change
+from bench import compress, infer, kernels, ratio_change, streamed_eval
 from stages.pipeline import stage_names
 
 
@@ -72,3 +72,11 @@ def test_load_by_layer_bench_measures_all_four_steps_and_compares_them(tmp_path)
     assert all(r["peak_rss_gib"] > 0 and r["wall_s"] > 0 for r in result["rows"])
     assert result["equal"] == {"stats": True, "compressed": True}
     assert not (tmp_path / "work").exists()
+
+
+def test_streamed_eval_bench_scores_both_ways_alike(tmp_path):
+    result = streamed_eval.main(["--shape", "tiny", "--device", "cpu", "--samples", "4", "--seqlen", "32",
+                                 "--json", str(tmp_path / "streamed.json")])
+    assert [row["mode"] for row in result["rows"]] == ["streamed", "whole"]
+    assert result["ppl_relative_difference"] < 1e-5 and result["rows"][0]["ppl"] > 1
+    assert json.loads((tmp_path / "streamed.json").read_text())["command"].startswith("python -m bench.streamed_eval")

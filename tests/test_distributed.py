@@ -84,14 +84,22 @@ def test_two_processes_give_the_statistics_of_one(calibrated, tmp_path, tiny_mod
         torch.testing.assert_close(factors[0][name], factors[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def allocated(calibrated, dest, **compress):
-    """`calibrated` with `compress` set, its statistics (one process) and its ranks."""
-    shutil.copytree(calibrated, dest)
+@pytest.fixture(scope="module")
+def with_statistics(calibrated, tmp_path_factory):
+    """`calibrated` and its statistics, computed by one process."""
+    work = tmp_path_factory.mktemp("statistics") / "work"
+    shutil.copytree(calibrated, work)
+    stage(work, "compute_covariances")
+    return work
+
+
+def allocated(with_statistics, dest, **compress):
+    """`with_statistics` with `compress` set, and its ranks."""
+    shutil.copytree(with_statistics, dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["compress"].update(compress)
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    for module in ("compute_covariances", "allocate_ranks"):
-        stage(dest, module)
+    stage(dest, "allocate_ranks")
     return dest
 
 
@@ -117,8 +125,8 @@ def compressed(allocated, dest, processes, load):
     dict(method="ressvd", ratio=0.3, update=True),  # the update on the shifted Grams; two-stage factors
     dict(method="svd-llm", ratio=0.3),  # statistics from disk: no stream at all, factorizations split
 ], ids=["anchor-refine", "ressvd-update", "from-disk"])
-def test_two_processes_compress_as_one(calibrated, tmp_path, compress):
-    base = allocated(calibrated, tmp_path / "base", **compress)
+def test_two_processes_compress_as_one(with_statistics, tmp_path, compress):
+    base = allocated(with_statistics, tmp_path / "base", **compress)
     one, ranks_one, report_one = compressed(base, tmp_path / "one", 1, "whole")
     # the second by layer too: its rank 1 reads every layer and writes none
     two, ranks_two, report_two = compressed(base, tmp_path / "two", 2, "by-layer")

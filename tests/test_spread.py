@@ -1,6 +1,8 @@
 """Zero-shot scoring and generation over a device map (evaluate.device_map auto): a model spread by
 accelerate, here over CPU memory and a disk offload folder, scores and writes what it scores and
 writes whole, dense or compressed."""
+import contextlib
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def test_a_spread_model_scores_and_writes_as_the_whole_one(which, tiny_model_dir
     whole = load_model(path, torch.float32) if which == "dense" else load_compressed(path, torch.float32)
     prompts = ["The history of", "In 1998 the"]
     scores, _ = evaluate_zeroshot(whole, tokenizer, ["piqa", "winogrande"], 4, 4, CPU)
-    with spread_model(path, torch.float32, room_for_one_layer(whole), compressed=which == "compressed") as spread:
+    with spread_model(path, torch.float32, room_for_one_layer(whole), CPU, compressed=which == "compressed") as spread:
         placed = set(spread.hf_device_map.values())
         assert placed == {"cpu", "disk"}, spread.hf_device_map  # some layers offloaded, as a big model's would be
         spread_scores, _ = evaluate_zeroshot(spread, tokenizer, ["piqa", "winogrande"], 4, 4, CPU)
@@ -55,33 +57,41 @@ def test_a_spread_model_scores_and_writes_as_the_whole_one(which, tiny_model_dir
             torch.testing.assert_close(spread(ids).logits, whole(ids).logits)
 
 
-def test_measure_scores_the_spread_copy_only_when_asked(tiny_model_dir):
+def test_measure_scores_and_writes_with_the_spread_copy_only_when_asked(tiny_model_dir):
     tokenizer = tiny_tokenizer()
     model = load_model(str(tiny_model_dir), torch.float32)
-    loads = []
+    calls = {"model": 0, "spread": 0}
+    model.register_forward_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1))
 
+    @contextlib.contextmanager
     def spread():
-        loads.append(1)
-        return spread_model(str(tiny_model_dir), torch.float32, room_for_one_layer(model))
+        with spread_model(str(tiny_model_dir), torch.float32, room_for_one_layer(model), CPU) as copy:
+            copy.register_forward_hook(lambda *_: calls.__setitem__("spread", calls["spread"] + 1))
+            yield copy
 
     base = with_value("zeroshot.tasks", ["piqa"])
     base.update(device="cpu")
     base["zeroshot"]["limit"] = 3
     base["generate"].update(prompts=["Once upon"], max_new_tokens=4)
-    base["evaluate"].update(datasets=["wikitext2"], seqlen=32, max_windows=2)
-    results = []
+    results, counts = [], []
     for device_map in ("none", "auto"):
         base["evaluate"]["device_map"] = device_map
-        results.append(measure(model, tokenizer, params_module.validate(base), CPU, "tiny", spread=spread)[0])
-    assert len(loads) == 1  # device_map none never loads the spread copy
-    assert results[0]["zeroshot"]["tasks"] == results[1]["zeroshot"]["tasks"] and results[0]["samples"] == results[1]["samples"]
-    assert results[0]["ppl"] == results[1]["ppl"]
+        results.append(measure(model, tokenizer, params_module.validate(base), CPU, "tiny",
+                               what=("zeroshot", "samples"), spread=spread)[0])
+        counts.append(dict(calls))
+    assert counts[0]["model"] > 0 and counts[0]["spread"] == 0  # none: the model as given
+    assert counts[1]["model"] == counts[0]["model"] and counts[1]["spread"] > 0  # auto: the spread copy alone
+    assert results[0] == results[1]
     base["zeroshot"]["tasks"], base["generate"]["prompts"] = [], []
-    measure(model, tokenizer, params_module.validate(base), CPU, "tiny", spread=spread)
-    assert len(loads) == 1  # nothing to score whole: no spread copy either
+    measure(model, tokenizer, params_module.validate(base), CPU, "tiny", what=("zeroshot", "samples"), spread=spread)
+    assert calls == counts[1]  # nothing to score whole: no spread copy loaded, nothing run
 
 
-def test_max_memory_is_given_to_accelerate_with_gpu_indices():
-    assert accelerate_memory({}) is None
-    assert accelerate_memory({"cuda:1": "70GiB", "cpu": "100GiB"}) == {1: "70GiB", "cpu": "100GiB"}
+def test_max_memory_caps_the_devices_it_names_and_leaves_the_others_their_free_memory():
+    free = {0: 80 * 2**30, 1: 80 * 2**30, "cpu": 100 * 2**30}
+    assert accelerate_memory({}, torch.device("cuda"), free) == free
+    assert accelerate_memory({"cuda:1": "70GiB"}, torch.device("cuda"), free) == {**free, 1: "70GiB"}
+    assert accelerate_memory({"cpu": "8GiB"}, torch.device("cuda:0"), free) == {**free, "cpu": "8GiB"}
+    assert accelerate_memory({}, CPU, free) == {"cpu": 100 * 2**30}  # device cpu: no GPU
+    assert set(accelerate_memory({}, CPU)) == {"cpu"}  # measured here
     assert DEFAULTS["evaluate"]["device_map"] == "none"
