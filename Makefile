@@ -27,7 +27,7 @@ repro: $(STAMP)
 # the suite's tests spread over this many processes (pytest-xdist); about half its time is the
 # subprocesses of dvc and the stages, whose waits a third worker fills (on 2 cores: 408 s with 3
 # workers, 411 s with 4; 455 s with 2, measured before the last two cuts of about 10 s each);
-# tests/conftest.py gives each worker its share of the cores
+# tests/conftest.py gives each worker its share of the cores and starts the longest files first
 TEST_WORKERS ?= 3
 
 test: $(STAMP)

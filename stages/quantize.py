@@ -3,9 +3,7 @@ weight-only by torchao (svdcore.quantize), saved to models/quantized so that fro
 reloads it; the saved model is loaded back and scored on the evaluation texts, and its bytes on
 disk and perplexities go to metrics/quantize.json. With scheme none the folder holds a note only."""
 from svdcore.atomic import atomic_path, write_json
-from svdcore.evaluation import directory_bytes, measure
 from svdcore.model import resolve_device, resolve_dtype
-from svdcore.quantize import save_quantized
 from stages.common import run
 from stages.io import MODEL_DIR
 
@@ -21,7 +19,11 @@ def work(params):
             (tmp / "README.md").write_text("quantize.scheme is none in params.yaml: no quantized model here.\n")
         write_json(OUT, {"scheme": scheme})
         return {"scheme": scheme}
+    # imported only for a scheme: with none, the stage costs no transformers or torchao import (2.5 s)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svdcore.evaluation import directory_bytes, measure
+    from svdcore.quantize import save_quantized
 
     with atomic_path(QUANTIZED, is_dir=True) as tmp:
         quantized, linears = save_quantized(MODEL_DIR, tmp, scheme)

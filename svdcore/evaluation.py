@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .counts import parameter_counts
-from .data import eval_windows, load_text, tokenize
+from .data import eval_windows, leading_tokens, load_text
 from .generation import generate_samples
 from .model import check_seqlen
 from .perplexity import perplexity
@@ -31,7 +31,7 @@ def evaluate_model(model, tokenizer, datasets: list[str], seqlen: int, max_windo
     metrics = {**parameter_counts(model), "ppl": {}}
     runtime = {"tokens_per_s": {}}
     for name in datasets:
-        windows = eval_windows(tokenize(tokenizer, load_text(name)), seqlen, max_windows)
+        windows = eval_windows(leading_tokens(tokenizer, load_text(name), seqlen * max_windows), seqlen, max_windows)
         result = perplexity(model, windows, batch_size, device, desc=f"{label} {name}", stream_layers=stream_layers,
                             by_layer=by_layer)
         metrics["ppl"][name] = result["ppl"]

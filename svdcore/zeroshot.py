@@ -84,7 +84,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], limit: int, batch_size
 
         if not is_spread(model):
             model.to(device)  # HFLM runs an in-memory model where it lies (a spread one where accelerate put it)
-        with quiet_lm_eval():
+        with lean_lm_eval():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             manager = task_manager(data_dir)
             for task in tasks:
@@ -98,19 +98,24 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], limit: int, batch_size
 
 
 @contextlib.contextmanager
-def quiet_lm_eval():
+def lean_lm_eval():
     """lm-eval's warnings here are about what we chose on purpose (an in-memory model, a custom
     dataset, a limit), and datasets draws a bar for each pass of HellaSwag's preprocessing: keep
-    the stage log to lm-eval's errors and its request progress bars."""
+    the stage log to lm-eval's errors and its request progress bars. And lm-eval's report of the
+    environment is left out of its results: after every task it runs torch's collect_env, a dozen
+    subprocesses (pip, nvidia-smi, lsb_release: 0.3 s a task on 2 cores), for fields never read."""
     import datasets
+    from lm_eval import evaluator
 
     logger = logging.getLogger("lm_eval")
-    level, bars_were_off = logger.level, datasets.are_progress_bars_disabled()
+    level, bars_were_off, add_env_info = logger.level, datasets.are_progress_bars_disabled(), evaluator.add_env_info
     logger.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
+    evaluator.add_env_info = lambda results: None
     try:
         yield
     finally:
+        evaluator.add_env_info = add_env_info
         logger.setLevel(level)
         if not bars_were_off:
             datasets.enable_progress_bars()

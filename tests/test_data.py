@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from svdcore.data import eval_windows, join_rows, load_text, random_windows
+from conftest import tiny_tokenizer
+from svdcore.data import eval_windows, join_rows, leading_tokens, load_text, random_windows, tokenize
 from svdcore.errors import UserError
 
 
@@ -34,3 +35,15 @@ def test_eval_windows_are_consecutive_and_limited():
     assert eval_windows(ids, 10, 3).shape == (3, 10)
     with pytest.raises(UserError, match="evaluate.seqlen"):
         eval_windows(ids, 200, 0)
+
+
+def test_leading_tokens_are_the_whole_texts_first_tokens():
+    """On the tests' byte-level BPE, counts from one token to past the end of the text (where the
+    whole text is tokenized); test_smollm2 checks SmolLM2's own tokenizer."""
+    tokenizer = tiny_tokenizer()
+    for dataset, counts in (("wikitext2", (1, 3 * 512, 40_000)), ("ptb", (96, 10**7))):
+        text = load_text(dataset)
+        whole = tokenize(tokenizer, text)
+        for count in counts:
+            assert torch.equal(leading_tokens(tokenizer, text, count), whole[:count]), (dataset, count)
+    assert torch.equal(leading_tokens(tokenizer, text, 0), whole)

@@ -2,11 +2,14 @@
 give the statistics and the compressed model of 1 process (each streams its half of every batch;
 a layer's statistics are summed, its factorizations split and the refinement's gradients averaged
 over the processes), and rank 0 alone writes."""
+import contextlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, DEFAULTS
+from stages.pipeline import stage_modules
 from svdcore.compress import compress_model
 from svdcore.covariances import linear_shapes, load_layer
 from svdcore.checkpoint import open_compressed
@@ -33,6 +37,17 @@ def stage(work, module, check=True) -> subprocess.CompletedProcess:
     return done
 
 
+def in_process(work, module) -> None:
+    """What `python -m stages.<module>` does with one process (the same work function, the same
+    files), run in this one: a new process's imports cost more than the tiny model's work. The runs
+    with 2 processes start their own (stage)."""
+    from stages.common import run
+
+    name = dict((m, n) for n, m in stage_modules())[module]
+    with contextlib.chdir(work), mock.patch.dict(os.environ, {"SVDCORE_DATA": str(ROOT / "data")}):
+        run(name, importlib.import_module(f"stages.{module}").work)
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, tiny_model_dir):
     """A scratch directory with params.yaml for the tiny model (8 windows of 32 tokens in batches
@@ -44,7 +59,7 @@ def calibrated(tmp_path_factory, tiny_model_dir):
     params["calibration"].update(samples=8, seqlen=32)
     params["covariances"]["batch_size"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    stage(work, "collect_calibration")
+    in_process(work, "collect_calibration")
     return work
 
 
@@ -53,6 +68,8 @@ def covariances(calibrated, dest, processes):
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["distributed"]["nproc_per_node"] = processes
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    if processes == 1:
+        return in_process(dest, "compute_covariances")
     return stage(dest, "compute_covariances")
 
 
@@ -89,7 +106,7 @@ def with_statistics(calibrated, tmp_path_factory):
     """`calibrated` and its statistics, computed by one process."""
     work = tmp_path_factory.mktemp("statistics") / "work"
     shutil.copytree(calibrated, work)
-    stage(work, "compute_covariances")
+    in_process(work, "compute_covariances")
     return work
 
 
@@ -99,7 +116,7 @@ def allocated(with_statistics, dest, **compress):
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["compress"].update(compress)
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    stage(dest, "allocate_ranks")
+    in_process(dest, "allocate_ranks")
     return dest
 
 
@@ -111,7 +128,7 @@ def compressed(allocated, dest, processes, load):
     params["distributed"]["nproc_per_node"] = processes
     params["model"]["load"] = load
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    stage(dest, "truncate_and_update")
+    (in_process if processes == 1 else stage)(dest, "truncate_and_update")
     model, _ = open_compressed(dest / "models/compressed", torch.float32, "whole", CPU)
     with torch.no_grad():
         logits = model(load_file(dest / "artifacts/calibration.safetensors")["input_ids"]).logits

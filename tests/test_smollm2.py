@@ -4,7 +4,7 @@ import torch
 from svdcore.checkpoint import ByLayer, ShardWriter, load_by_layer
 from svdcore.compress import collect_grams, compress_model
 from svdcore.covariances import linear_shapes, save_layer
-from svdcore.data import eval_windows, load_text, random_windows, tokenize
+from svdcore.data import eval_windows, leading_tokens, load_text, random_windows, tokenize
 from svdcore.lowrank import load_compressed, save_compressed
 from svdcore.model import gguf_cache, load_model, load_tokenizer, resolve
 from svdcore.perplexity import perplexity
@@ -17,7 +17,10 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     assert len(linear_shapes(model)) == 210
     calib = random_windows(tokenize(tokenizer, load_text("wikitext2-valid")), 8, 128, seed=0)
-    evaluation = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 128, 4)
+    whole = tokenize(tokenizer, load_text("wikitext2"))
+    evaluation = eval_windows(whole, 128, 4)
+    # evaluation tokenizes a prefix of the split: the same first tokens (100 windows of 512, the default)
+    assert torch.equal(leading_tokens(tokenizer, load_text("wikitext2"), 51_200), whole[:51_200])
     dense = perplexity(model, evaluation, 4, CPU)["ppl"]
     (tmp_path / "stats").mkdir()
     collect_grams(model, calib, 4, CPU, lambda i, st: save_layer(tmp_path / "stats", i, st))

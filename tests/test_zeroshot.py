@@ -212,10 +212,18 @@ def test_certain_answers_score_exactly_one_and_misplaced_labels_zero(tmp_path, t
         assert (wrong["tasks"][task]["acc"], wrong["tasks"][task]["acc_norm"]) == (0.0, 0.0), task
 
 
-def test_limit_takes_the_first_items_and_zero_takes_all(tmp_path, tokenizer):
+def test_limit_takes_the_first_items_and_zero_takes_all(tmp_path, tokenizer, monkeypatch):
+    import lm_eval.evaluator
+    import torch.utils.collect_env
+
     model = favouring_model(tokenizer)
     data = certain_data(tmp_path, GOLDS)
+    # lm-eval's report of the environment (torch's collect_env: a dozen subprocesses a task) is skipped
+    reported = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: reported.append(1) or "")
+    add_env_info = lm_eval.evaluator.add_env_info
     limited, _ = evaluate_zeroshot(model, tokenizer, ["piqa"], 2, 4, CPU, data_dir=data)
+    assert reported == [] and lm_eval.evaluator.add_env_info is add_env_info  # and put back afterwards
     whole, _ = evaluate_zeroshot(model, tokenizer, ["piqa"], 0, 4, CPU, data_dir=data)
     assert limited["limit"] == 2 and whole["limit"] == 0
     assert (limited["tasks"]["piqa"]["items"], limited["tasks"]["piqa"]["items_in_split"]) == (2, len(GOLDS))
