@@ -25,8 +25,9 @@ repro: $(STAMP)
 	dvc repro
 
 # the suite's tests spread over this many processes (pytest-xdist); about half its time is the
-# subprocesses of dvc and the stages, whose waits a third worker fills (on 2 cores: 408 s with 3
-# workers, 411 s with 4; 455 s with 2, measured before the last two cuts of about 10 s each);
+# subprocesses of dvc and the stages, whose waits a third worker fills (on 2 cores, 2026-12-03:
+# 408 s with 3 workers, 411 s with 4, 455 s with 2; with 3, 525 s after the data-parallel and
+# device-map tests came, 392 s after the cuts of 2026-12-04);
 # tests/conftest.py gives each worker its share of the cores and starts the longest files first
 TEST_WORKERS ?= 3
 
