@@ -46,4 +46,4 @@ def test_leading_tokens_are_the_whole_texts_first_tokens():
         whole = tokenize(tokenizer, text)
         for count in counts:
             assert torch.equal(leading_tokens(tokenizer, text, count), whole[:count]), (dataset, count)
-    assert torch.equal(leading_tokens(tokenizer, text, 0), whole)
+        assert torch.equal(leading_tokens(tokenizer, text, 0), whole), dataset  # 0: the whole text

@@ -17,10 +17,11 @@ def test_smollm2_gguf_compresses_saves_and_reloads(tmp_path):
     model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     assert len(linear_shapes(model)) == 210
     calib = random_windows(tokenize(tokenizer, load_text("wikitext2-valid")), 8, 128, seed=0)
-    whole = tokenize(tokenizer, load_text("wikitext2"))
+    text = load_text("wikitext2")
+    whole = tokenize(tokenizer, text)
     evaluation = eval_windows(whole, 128, 4)
     # evaluation tokenizes a prefix of the split: the same first tokens (100 windows of 512, the default)
-    assert torch.equal(leading_tokens(tokenizer, load_text("wikitext2"), 51_200), whole[:51_200])
+    assert torch.equal(leading_tokens(tokenizer, text, 51_200), whole[:51_200])
     dense = perplexity(model, evaluation, 4, CPU)["ppl"]
     (tmp_path / "stats").mkdir()
     collect_grams(model, calib, 4, CPU, lambda i, st: save_layer(tmp_path / "stats", i, st))
