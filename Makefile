@@ -27,12 +27,13 @@ repro: $(STAMP)
 # the suite's tests spread over this many processes (pytest-xdist); about half its time is the
 # subprocesses of dvc and the stages, whose waits a third worker fills (on 2 cores, 2026-12-03:
 # 408 s with 3 workers, 411 s with 4, 455 s with 2; with 3, 525 s after the data-parallel and
-# device-map tests came, 392 s after the cuts of 2026-12-04);
-# tests/conftest.py gives each worker its share of the cores and starts the longest files first
+# device-map tests came, 392 s after the cuts of 2026-12-04, 379 s with the lanes);
+# tests/conftest.py gives each worker its share of the cores, and (--dist loadgroup) one of three
+# lanes of long tests of about equal time, the short tests going to whichever worker is free
 TEST_WORKERS ?= 3
 
 test: $(STAMP)
-	python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV)

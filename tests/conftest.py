@@ -26,17 +26,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's pa
 
 from stages.pipeline import ROOT  # noqa: E402
 
-# The files whose tests take longest, longest first (`pytest --durations=0` on 2 cores, 2026-12-04):
-# run first, so that the last minute of the suite is not one of them running alone while the other
-# workers idle. A stale list costs time, never a result.
-LONGEST_FIRST = ("test_sweep.py", "test_smollm2.py", "test_pipeline.py", "test_queue.py", "test_distributed.py",
-                 "test_architectures.py", "test_crash_and_determinism.py", "test_bench.py", "test_readme.py",
-                 "test_clients.py")
+# The long tests in three lanes of about equal time, each an xdist_group: under `make test` (-n 3
+# --dist loadgroup) each worker takes a lane, and the short tests go one by one to whichever worker
+# is free, so the suite does not end with one long test running alone (2026-12-04: the lanes ended
+# within 5 s of each other). Seconds per entry as `make test` ran them then, 3 workers on 2 cores.
+# Only the first lane starts with a test that needs the shared `reproduced` repository (its build
+# included); the others start with tests that do not, so no worker waits on the build. A stale
+# table costs time, never a result. (pytest 9.2 breaks xdist's groups: constraints.txt pins 9.1.)
+LANES = (
+    ("test_sweep.py",  # 259 (with the build of `reproduced`)
+     "test_pipeline.py::test_anchored_refined_method",  # 32
+     "test_pipeline.py::test_zeroshot_limit",  # 28
+     "test_pipeline.py::test_repro_ratio_change"),  # 37
+    ("test_smollm2.py",  # 117
+     "test_queue.py",  # 94
+     "test_crash_and_determinism.py",  # 67
+     "test_clients.py::test_lm_eval"),  # 21
+    ("test_distributed.py",  # 80
+     "test_bench.py",  # 82
+     "test_readme.py",  # 71
+     "test_architectures.py",  # 60
+     "test_pipeline.py::test_sensitivity"),  # 49
+)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    def place(item):
+        name = item.nodeid.removeprefix("tests/")
+        for lane, entries in enumerate(LANES):
+            for rank, entry in enumerate(entries):
+                if name.startswith(entry):
+                    return lane, rank
+        return len(LANES), 0
+
+    for item in items:
+        lane, _ = place(item)
+        if lane < len(LANES):
+            item.add_marker(pytest.mark.xdist_group(f"lane{lane}"))
+    items.sort(key=place)  # stable: the lanes first, in order; the short tests keep theirs
 
 
 def tiny_tokenizer(vocab_size: int = 320):
