@@ -53,7 +53,7 @@ LANES = (
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     def place(item):
-        name = item.nodeid.removeprefix("tests/")
+        name = f"{item.path.name}::{item.name}"  # wherever pytest was started from
         for lane, entries in enumerate(LANES):
             for rank, entry in enumerate(entries):
                 if name.startswith(entry):
