@@ -68,9 +68,7 @@ def covariances(calibrated, dest, processes):
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["distributed"]["nproc_per_node"] = processes
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    if processes == 1:
-        return in_process(dest, "compute_covariances")
-    return stage(dest, "compute_covariances")
+    (in_process if processes == 1 else stage)(dest, "compute_covariances")
 
 
 def test_two_processes_give_the_statistics_of_one(calibrated, tmp_path, tiny_model_dir):
