@@ -6,6 +6,7 @@ test_pipeline.py.
 """
 import importlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -41,9 +42,33 @@ def run_stages(work, params, first=None, last=None, skip=()):
             run(name, importlib.import_module(f"stages.{module}").work)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
-    model_dir = tmp_path / "model"
+IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, tokenizer):
+    """Every family through every stage (`plain`), then the error-aware steps on a copy of it
+    (`refined`); and the logits of both saved models of every family from one process that never
+    imports svdcore (one process for all ten: its imports cost more than the models). A family
+    whose stages fail keeps its exception, which its own test raises: the others still run."""
+    root = tmp_path_factory.mktemp("families")
+    runs = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("SVDCORE_DATA", str(ROOT / "data"))
+        monkeypatch.delenv("DVC_ROOT", raising=False)
+        for arch in ARCHITECTURES:
+            try:
+                runs[arch] = run_family(arch, root / arch, tokenizer, monkeypatch)
+            except Exception as failure:  # noqa: BLE001  (raised again by the family's test)
+                runs[arch] = failure
+    ran = {arch: run for arch, run in runs.items() if isinstance(run, dict)}
+    dirs = [run[which] / "models/compressed" for run in ran.values() for which in ("plain", "refined")]
+    fresh = iter(logits_in_fresh_process(dirs, IDS, root)) if dirs else None
+    return {**runs, **{arch: {**run, "fresh": (next(fresh), next(fresh))} for arch, run in ran.items()}}
+
+
+def run_family(arch, folder, tokenizer, monkeypatch) -> dict:
+    model_dir = folder / "model"
     original = tiny_causal_lm(arch, len(tokenizer))
     original.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -57,13 +82,26 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
     # one task of each kind: shared context (piqa), shared continuation after two contexts (winogrande)
     params["zeroshot"].update(tasks=["piqa", "winogrande"], limit=2)
     params["generate"].update(prompts=["The history of"], max_new_tokens=4)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("SVDCORE_DATA", str(ROOT / "data"))
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    run_stages(work, params)
+    plain, refined = folder / "plain", folder / "refined"
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    run_stages(plain, params)
 
+    # the error-aware steps on the same family: sensitivity allocation, anchored closed form, refinement
+    # (the dense model's evaluation is the same as above, and quantize is off)
+    shutil.copytree(plain, refined)
+    monkeypatch.chdir(refined)
+    params["compress"].update(method="aa-svd", allocation="sensitivity", refine={**params["compress"]["refine"], "steps": 2})
+    run_stages(refined, params, first="compute-sensitivity", skip=("evaluate-dense", "quantize"))
+    return {"original": original, "plain": plain, "refined": refined}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_stage_and_reload(arch, families):
+    run = families[arch]
+    if isinstance(run, Exception):
+        raise run
+    work, original = run["plain"], run["original"]
     metrics = json.loads((work / "metrics/evaluate.json").read_text())
     assert abs(metrics["ratio"]["linears"] - 0.3) < 0.03
     for ppl in [*metrics["compressed"]["ppl"].values(), *metrics["dense"]["ppl"].values()]:
@@ -86,27 +124,17 @@ def test_every_stage_and_reload(arch, tmp_path, monkeypatch, tokenizer):
     tied = original.get_output_embeddings().weight is original.get_input_embeddings().weight
     assert (compressed.get_output_embeddings().weight is compressed.get_input_embeddings().weight) == tied
 
-    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = [compressed(ids).logits]
-    (work / "models/compressed").rename(tmp_path / "plain")  # reloaded in a fresh process below
-
-    # the error-aware steps on the same family: sensitivity allocation, anchored closed form, refinement
-    # (the dense model's evaluation is the same as above, and quantize is off)
-    params["compress"].update(method="aa-svd", allocation="sensitivity", refine={**params["compress"]["refine"], "steps": 2})
-    run_stages(work, params, first="compute-sensitivity", skip=("evaluate-dense", "quantize"))
-    report = json.loads((work / "metrics/compress.json").read_text())
+    refined = run["refined"]
+    report = json.loads((refined / "metrics/compress.json").read_text())
     assert report["recipe"]["anchor"] == 1.0 and report["refine"] and len(report["stream_gap"]) == 2
-    assert json.loads((work / "artifacts/ranks.json").read_text())["strategy"] == "sensitivity"
-    metrics = json.loads((work / "metrics/evaluate.json").read_text())
+    assert json.loads((refined / "artifacts/ranks.json").read_text())["strategy"] == "sensitivity"
+    metrics = json.loads((refined / "metrics/evaluate.json").read_text())
     assert abs(metrics["ratio"]["linears"] - 0.3) < 0.03 and all(1 < p < float("inf") for p in metrics["compressed"]["ppl"].values())
-    refined = load_compressed(work / "models/compressed")
-    with torch.no_grad():
-        expected.append(refined(ids).logits)
 
     # both saved directories load in a process that never imports svdcore, with the same logits
-    fresh = logits_in_fresh_process([tmp_path / "plain", work / "models/compressed"], ids, tmp_path)
-    for got, want in zip(fresh, expected, strict=True):
+    with torch.no_grad():
+        expected = [load_compressed(w / "models/compressed")(IDS).logits for w in (work, refined)]
+    for got, want in zip(run["fresh"], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
