@@ -45,7 +45,7 @@ LANES = (
     ("test_distributed.py",  # 80
      "test_bench.py",  # 82
      "test_readme.py",  # 71
-     "test_architectures.py",  # 60
+     "test_architectures.py",  # 45
      "test_pipeline.py::test_sensitivity"),  # 49
 )
 
