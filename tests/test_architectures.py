@@ -61,10 +61,12 @@ def families(tmp_path_factory, tokenizer):
                 runs[arch] = run_family(arch, root / arch, tokenizer, monkeypatch)
             except Exception as failure:  # noqa: BLE001  (raised again by the family's test)
                 runs[arch] = failure
-    ran = {arch: run for arch, run in runs.items() if isinstance(run, dict)}
-    dirs = [run[which] / "models/compressed" for run in ran.values() for which in ("plain", "refined")]
-    fresh = iter(logits_in_fresh_process(dirs, IDS, root)) if dirs else None
-    return {**runs, **{arch: {**run, "fresh": (next(fresh), next(fresh))} for arch, run in ran.items()}}
+    ran = [run for run in runs.values() if isinstance(run, dict)]
+    dirs = [run[which] / "models/compressed" for run in ran for which in ("plain", "refined")]
+    logits = logits_in_fresh_process(dirs, IDS, root) if dirs else []
+    for k, run in enumerate(ran):
+        run["fresh"] = logits[2 * k:2 * k + 2]
+    return runs
 
 
 def run_family(arch, folder, tokenizer, monkeypatch) -> dict:
@@ -133,7 +135,7 @@ def test_every_stage_and_reload(arch, families):
 
     # both saved directories load in a process that never imports svdcore, with the same logits
     with torch.no_grad():
-        expected = [load_compressed(w / "models/compressed")(IDS).logits for w in (work, refined)]
+        expected = [compressed(IDS).logits, load_compressed(refined / "models/compressed")(IDS).logits]
     for got, want in zip(run["fresh"], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
