@@ -62,7 +62,7 @@ def knobs_of(name: str) -> dict:
     if name in VARIANTS:
         return VARIANTS[name]
     knobs = dict(item.split("=", 1) for item in name.split(","))
-    for key in ("anchor", "refine_lr", "refine_holdout"):
+    for key in ("anchor", "anchor_ridge", "refine_lr", "refine_holdout"):
         if key in knobs:
             knobs[key] = float(knobs[key])
     for key in ("refine_steps", "last_layers"):

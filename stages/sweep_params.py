@@ -32,6 +32,7 @@ def sweep_compress(compress: Compress, method: str, ratio: float) -> Compress:
     return compress.model_copy(update={
         "method": name, "ratio": ratio, "metric": None, "allocation": None, "update": update,
         "residual_fraction": None, "residual_metric": None, "last_layers": None, "anchor": None,
+        "anchor_ridge": None,
         "refine": compress.refine.model_copy(update={"steps": None})})
 
 

@@ -27,7 +27,8 @@ import torch
 from . import distributed
 from .checkpoint import layer_read
 from .covariances import LayerStats, load_layer
-from .decompose import IDENTITY, anchored_weight, choose_route, diagonal_whitening, eigen_whitening, truncate, whitening
+from .decompose import (IDENTITY, Whitening, anchored_weight, choose_route, diagonal_whitening, eigen_whitening,
+                        truncate, whitening)
 from .errors import UserError
 from .gram import CrossAccumulator, GramAccumulator
 from .lowrank import replace_linear
@@ -65,7 +66,7 @@ def _metric(metric: str, weight, name: str, group: str | None, stats: LayerStats
         return diagonal_whitening(stats.abs_means[group].to(weight.device) ** recipe.alpha), None, f"{route}/activation"
     if metric == "fisher":
         return diagonal_whitening(fisher[name].to(weight.device)), None, f"{route}/fisher"
-    gram = _gram(stats, group, weight.device, cache)
+    gram = _gram(stats, group, weight.device, cache, recipe.anchor_ridge)
     if route == "eigh-out":  # W G W^T needs no factor of G: exact for both whitening metrics
         return None, gram, route
     if (metric, group) not in cache:
@@ -74,9 +75,15 @@ def _metric(metric: str, weight, name: str, group: str | None, stats: LayerStats
     return white, None, f"{route}/{white.route}"
 
 
-def _gram(stats: LayerStats, group: str, device, cache: dict) -> torch.Tensor:
+def _gram(stats: LayerStats, group: str, device, cache: dict, ridge: float = 0.0) -> torch.Tensor:
+    """The Gram of one shared input on `device`; with the anchored fit's ridge, G~ + λ I (its
+    metric too: the ridge's rows are inputs like the others), λ kept in cache["λ", group]."""
     if ("gram", group) not in cache:
-        cache["gram", group] = stats.grams[group].to(device, torch.float64)
+        gram = stats.grams[group].to(device, torch.float64)
+        cache["λ", group] = ridge * gram.diagonal().mean()
+        if ridge:
+            gram = gram + cache["λ", group] * torch.eye(gram.shape[0], dtype=gram.dtype, device=device)
+        cache["gram", group] = gram
     return cache["gram", group]
 
 
@@ -134,7 +141,7 @@ class _Report:
 
     def whitenings(self, name_of, cache: dict) -> None:
         self.gram_routes.update(distributed.union({f"{name_of(key[1])}:{key[0]}": white.route
-                                                   for key, white in cache.items() if key[0] != "gram"}))
+                                                   for key, white in cache.items() if isinstance(white, Whitening)}))
 
     def done(self) -> dict:
         report = {"recipe": self.recipe.describe(), "routes": dict(sorted(self.routes.items())),
@@ -250,8 +257,11 @@ def _truncate_linear(model, name, local, module, rank, recipe, stats, fisher, ca
     with section("decompose"):
         if recipe.anchor:  # W* needs G~^-1: the whitening chain's factor, shared with the whitening metric
             if ("whitening", group) not in cache:
-                cache["whitening", group] = whitening(_gram(stats, group, weight.device, cache))
-            weight = anchored_weight(weight, cache["whitening", group], cross.to(weight.device), recipe.anchor)
+                cache["whitening", group] = whitening(_gram(stats, group, weight.device, cache, recipe.anchor_ridge))
+            cross = cross.to(weight.device, torch.float64)
+            if recipe.anchor_ridge:  # the ridge's rows sqrt(λ) e_j feed both streams: C + λ I
+                cross = cross + cache["λ", group] * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
+            weight = anchored_weight(weight, cache["whitening", group], cross, recipe.anchor)
         a, b, report.routes[name] = _factorize(weight, rank, recipe, name, group, stats, fisher, cache, route)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise UserError(f"layer {index}, {name}: the factorization produced non-finite values "

@@ -107,7 +107,9 @@ def anchored_weight(weight: torch.Tensor, shifted: Whitening, cross: torch.Tenso
     ||X~ (W* - W')^T||^2, the whitened truncation loss of W* under G~ = X~^T X~. The unconstrained
     fit is W* = (1 - b) W + b W C^T G~^-1 with the cross term C = X~^T X; so the rank-r optimum is W*
     truncated by any route of `truncate` with G~. b = 0 is whitening on the shifted inputs (W* = W).
-    `shifted` is a whitening of G~ (its fallback chain handles a singular G~)."""
+    `shifted` is a whitening of G~ (its fallback chain handles a singular G~). A ridge toward W,
+    + λ ||W' - W||^2, is the same problem with n more rows sqrt(λ) I in both X~ and X: pass
+    G~ + λ I and C + λ I (svdcore.compress does, for compress.anchor_ridge)."""
     weight = weight.double()
     if beta == 0:
         return weight

@@ -92,6 +92,8 @@ class Compress(Section):
     anchor: Annotated[Literal[False] | Annotated[float, Field(ge=0, le=1)] | None, described(
         "null (the method's own), false (off: the dense model's statistics) or a blend beta in [0, 1] (0: "
         "whitening on the shifted inputs, 1: fit the dense outputs)")]
+    anchor_ridge: Annotated[float | None, described(
+        "a number in [0, 1] (the anchored fit's ridge, a share of mean(diag G~))", null=OWN, ge=0, le=1)]
     save_dtype: _choice(DTYPES)
     refine: Refine
 

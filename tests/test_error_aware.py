@@ -8,7 +8,7 @@ from svdcore.compress import compress_model
 from svdcore.decompose import EIGEN_FLOOR, anchored_weight, eigen_whitening, truncate, whitening
 from svdcore.errors import UserError
 from svdcore.lowrank import LowRankLinear
-from svdcore.methods import Recipe, recipe
+from svdcore.methods import RIDGE, Recipe, recipe
 from svdcore.covariances import linear_shapes
 from svdcore.ranks import uniform_ranks
 from svdcore.refine import refine_block, trainable
@@ -82,6 +82,31 @@ def test_anchored_closed_form_on_a_singular_shifted_gram(m, n):
     eigen = eigen_whitening(gram)
     a, b = truncate(anchored_weight(weight, eigen, cross, 1.0), rank, eigen, "auto", gram=gram)
     assert anchored_loss(weight, a, b, x, x_shifted, 1.0) == pytest.approx(best, rel=1e-8)
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_anchored_ridge_reaches_the_optimum_of_its_objective(m, n, beta):
+    """||X_b W^T - X~ W'^T||^2 + λ ||W' - W||^2 is the plain objective on n more rows sqrt(λ) I in
+    both streams: the closed form given G~ + λ I and C + λ I (what compress.anchor_ridge passes)
+    reaches the optimum computed independently on the stacked rows, even with fewer tokens than
+    inputs (a singular G~ needs no fallback under a ridge), and stays closer to W than without."""
+    weight, x, x_shifted = shifted_problem(m, n, tokens=n // 2, seed=7)
+    gram, cross = x_shifted.T @ x_shifted, x_shifted.T @ x
+    lam = 0.05 * gram.diagonal().mean()
+    eye = torch.eye(n, dtype=gram.dtype)
+    rows = lam.sqrt() * eye
+    x_rows, x_shifted_rows = torch.cat([x, rows]), torch.cat([x_shifted, rows])
+    ridge_white = whitening(gram + lam * eye)
+    assert ridge_white.route == "cholesky"
+    target = anchored_weight(weight, ridge_white, cross + lam * eye, beta)
+    rank = 5
+    a, b = truncate(target, rank, ridge_white, "auto", gram=gram + lam * eye)
+    loss = anchored_loss(weight, a, b, x_rows, x_shifted_rows, beta)
+    assert loss == pytest.approx(anchored_optimum(weight, x_rows, x_shifted_rows, beta, rank), rel=1e-9)
+    if beta:  # the unconstrained fit: shrunk toward W, by a norm the plain fit on so few tokens far exceeds
+        plain = anchored_weight(weight, eigen_whitening(gram), cross, beta)
+        assert torch.dist(target, weight) < torch.dist(plain, weight)
 
 
 # ---- the two-stream layer loop ----
@@ -160,13 +185,19 @@ def test_each_group_is_fitted_on_the_inputs_of_the_model_compressed_before_it(kn
         assert float((got - best).norm() / (x @ weight.T).norm()) < 1e-3, name
 
 
-def test_anchored_groups_use_the_cross_term_with_the_dense_inputs():
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+def test_anchored_groups_use_the_cross_term_with_the_dense_inputs(ridge):
+    """Each linear reaches the optimum of its objective on its own inputs in both streams; with
+    compress.anchor_ridge, on those inputs plus the ridge's rows sqrt(λ) I."""
     model, dense = tiny_llama(), tiny_llama()
     ranks = uniform_ranks(linear_shapes(model), 0.4)
-    compress_model(model, ranks, Recipe("whitening", anchor=1.0), None, CPU, WINDOWS, 4)
+    compress_model(model, ranks, Recipe("whitening", anchor=1.0, anchor_ridge=ridge), None, CPU, WINDOWS, 4)
     shifted, original = linear_inputs_of(model, WINDOWS), linear_inputs_of(dense, WINDOWS)
     for name, rank in ranks.items():
         x, x_shifted = original[name], shifted[name]
+        if ridge:
+            rows = (ridge * x_shifted.square().sum(0).mean()).sqrt() * torch.eye(x.shape[1], dtype=x.dtype)
+            x, x_shifted = torch.cat([x, rows]), torch.cat([x_shifted, rows])
         weight = dense.get_submodule(name).weight.detach().double()
         low = model.get_submodule(name)
         loss = anchored_loss(weight, low.A.detach().double(), low.B.detach().double(), x, x_shifted, 1.0)
@@ -181,6 +212,12 @@ def test_recipe_knobs_for_the_error_aware_steps():
     assert recipe("aa-svd", refine_steps=0).refine_steps == 0 and not recipe("svd-llm").needs_windows
     best = recipe("best")  # the measured combination (README, "Choosing the error-aware defaults")
     assert (best.allocation, best.anchor, best.refine_steps, best.update) == ("sensitivity", 0.25, 32, False)
+    assert aa.anchor_ridge == RIDGE > 0 == best.anchor_ridge and recipe("aa-svd", anchor_ridge=0).anchor_ridge == 0
+    assert recipe("aa-svd", anchor=False).anchor_ridge == 0 and recipe("svd-llm", anchor=1).anchor_ridge == 0
+    with pytest.raises(UserError, match=r"^compress.anchor_ridge: 0.1 damps the anchored closed form, which is off"):
+        recipe("svd-llm", anchor_ridge=0.1)
+    with pytest.raises(UserError, match=r"^compress.method: expected one of svd, fwsvd, .*, got 'aasvd'"):
+        recipe("aasvd")
     with pytest.raises(UserError, match="compress.update: the anchored closed form already fits A and B jointly"):
         recipe("aa-svd", update=True)
     with pytest.raises(UserError, match="compress: the anchored closed form needs the calibration windows"):

@@ -89,7 +89,8 @@ def test_update_refits_a_and_lowers_the_linears_calibration_error(tmp_path):
     report = compress_model(updated, ranks, Recipe("whitening", update=True), stats, CPU, windows, 4)
     assert report["recipe"] == {"metric": "whitening", "alpha": 0.5, "update": True, "allocation": "uniform",
                                 "residual_fraction": 0.0, "residual_metric": None, "last_layers": None,
-                                "anchor": None, "refine_steps": 0, "refine_lr": 2e-4, "refine_holdout": 0.0}
+                                "anchor": None, "anchor_ridge": 0.0, "refine_steps": 0, "refine_lr": 2e-4,
+                                "refine_holdout": 0.0}
     # summed over all linears, ||(W - A B) X~||^2 on the compressed prefix's inputs went down
     assert 0 < report["update_error_ratio"] < 1
     lows = [(n, m) for n, m in updated.named_modules() if isinstance(m, LowRankLinear)]
@@ -155,6 +156,7 @@ def test_presets_and_knobs():
          "^compress.residual_metric: both stages use whitening, which is exactly a single"),
         ({"allocation": "v2", "last_layers": 4}, "^compress.last_layers: applies to allocation last-k only"),
         ({"anchor": 0.5, "update": True}, "^compress.update: the anchored closed form already fits A and B jointly"),
+        ({"anchor_ridge": 0.01}, r"^compress.anchor_ridge: 0.01 damps the anchored closed form, which is off"),
     ]:
         with pytest.raises(UserError, match=message):
             recipe("svd-llm", **knobs)

@@ -49,6 +49,9 @@ def test_empty_task_and_prompt_lists_switch_zeroshot_and_samples_off():
                              r"statistics\) or a blend beta in \[0, 1\] .*, got 1.5"),
     ("compress.anchor", True, r"compress.anchor: expected null .*, got True"),
     ("compress.anchor", "auto", r"compress.anchor: expected null .*, got 'auto'"),
+    ("compress.anchor_ridge", -0.01, r"compress.anchor_ridge: expected a number in \[0, 1\] \(the anchored fit's "
+                                     r"ridge, a share of mean\(diag G~\)\), got -0.01 \(or null for the method's own\)"),
+    ("compress.anchor_ridge", "0.01", r"compress.anchor_ridge: expected a number in \[0, 1\] .*, got '0.01'"),
     ("compress.refine.steps", -1, r"compress.refine.steps: expected an integer >= 0, got -1 \(or null for the method's own\)"),
     ("compress.refine.steps", 2.5, r"compress.refine.steps: expected an integer, got 2.5"),
     ("compress.refine.lr", 0, r"compress.refine.lr: expected a learning rate in \(0, 1\], got 0"),
