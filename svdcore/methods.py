@@ -20,7 +20,7 @@ anchor: fit the dense outputs from the shifted inputs (AA-SVD, SAES-SVD): the tr
   model's statistics, as SVD-LLM); 0: whitening on the shifted inputs; 1: fully anchored.
 anchor_ridge: a ridge toward W in the anchored fit, lambda = anchor_ridge x mean(diag G~): as if n
   more tokens sqrt(lambda) e_j fed both streams, asking W' to keep W's response to every input
-  direction. 16k calibration tokens over-fit the plain fit (README); 0 is the fit as published.
+  direction. 16k calibration tokens over-fit the plain fit (README); 0: none, the design notes' fit.
 refine: steps of AdamW per block on its factors and norms, the compressed block on X~ against the
   dense block on X (AA-SVD's block refinement); 0 turns it off.
 """
