@@ -75,7 +75,8 @@ def step(name: str, directory: Path, work: Path, windows: int, seqlen: int, voca
             by_layer = ByLayer(model, checkpoint, CPU, F32, shards.write_layer)
         compress_model(model, ranks, "svd-llm", work / "stats-whole", CPU, by_layer=by_layer)
         save_compressed(model, None, out, dtype=torch.bfloat16, shards=shards)
-    return {"step": name, "wall_s": round(time.perf_counter() - start, 1),
+    # milliseconds: on the tests' tiny model a step can take under 0.05 s, which tenths rounded to 0
+    return {"step": name, "wall_s": round(time.perf_counter() - start, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
