@@ -216,6 +216,8 @@ def test_recipe_knobs_for_the_error_aware_steps():
     assert recipe("aa-svd", anchor=False).anchor_ridge == 0 and recipe("svd-llm", anchor=1).anchor_ridge == 0
     with pytest.raises(UserError, match=r"^compress.anchor_ridge: 0.1 damps the anchored closed form, which is off"):
         recipe("svd-llm", anchor_ridge=0.1)
+    with pytest.raises(ValueError, match="anchor_ridge 0.1 without the anchored closed form"):
+        Recipe("whitening", anchor_ridge=0.1)  # as the benches build them
     with pytest.raises(UserError, match=r"^compress.method: expected one of svd, fwsvd, .*, got 'aasvd'"):
         recipe("aasvd")
     with pytest.raises(UserError, match="compress.update: the anchored closed form already fits A and B jointly"):
